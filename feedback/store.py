@@ -1,0 +1,138 @@
+"""FlagStore: durable, append-only JSONL shards of FlagRecords, one writer shard per process.
+
+    >>> store = FlagStore("data/feedback")
+    >>> saved = store.save(record)        # returns once the line is fsynced on disk
+    >>> saved.revision
+    1
+
+Each process appends to its own shard (``flags-YYYYMMDD-<host>-<pid>-<n>.jsonl``), so two
+processes never interleave bytes in one file. A shard is rotated past ``max_bytes`` or when the
+UTC day changes. A line is written with a single ``write`` and fsynced before ``save`` returns:
+a record the caller was told about survives a crash; a crash mid-write leaves at most one torn
+last line, which the reader reports and skips.
+
+Concurrent saves share fsyncs (group commit): each writer's line is written under the lock,
+then one fsync makes every line written so far durable, so 32 writers do not queue behind 32
+fsyncs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+from feedback.reader import FLAGS_SUBDIR, latest_flags
+from schemas.flag import FlagRecord, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class FlagStore:
+    """Appends FlagRecords to this process's shard; re-saving an unchanged flag writes nothing."""
+
+    def __init__(self, root: str | Path, max_bytes: int = 16 * 1024 * 1024):
+        self.root = Path(root)
+        self.dir = self.root / FLAGS_SUBDIR
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()  # guards the file, the index and the counters
+        self._sync_lock = threading.Lock()  # one fsync at a time; taken before _lock, never inside it
+        self._file = None
+        self._retired: list = []  # rotated-out shards not yet fsynced and closed
+        self._written = 0  # lines written so far
+        self._synced = 0  # lines known durable
+        self._day = ""
+        self._seq = 0
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cannot create the feedback folder {self.dir}: {err.strerror}; "
+                          "set FLAGLOOP_FEEDBACK_DIR to a writable folder") from err
+        # The latest revision of every flag already on disk, so re-saves revise instead of duplicate.
+        self._latest: dict[str, FlagRecord] = latest_flags(self.root).records
+
+    def get(self, flag_id: str) -> FlagRecord | None:
+        with self._lock:
+            return self._latest.get(flag_id)
+
+    def save(self, record: FlagRecord) -> FlagRecord:
+        """Write ``record`` as the next revision of its flag; return what is on disk.
+
+        An unchanged re-save returns the stored revision and writes nothing.
+        """
+        with self._lock:
+            previous = self._latest.get(record.flag_id)
+            if previous is not None and previous.content_key() == record.content_key():
+                record, seq = previous, self._written  # it may still be waiting for its fsync
+            else:
+                record, seq = self._write(record, previous)
+        self._sync(seq)
+        return record
+
+    def _write(self, record: FlagRecord, previous: FlagRecord | None) -> tuple[FlagRecord, int]:
+        if previous is not None:
+            record = record.model_copy(
+                update={"revision": previous.revision + 1, "created_at": previous.created_at, "updated_at": utcnow()}
+            )
+        line = (record.model_dump_json() + "\n").encode("utf-8")
+        f = self._shard_for(len(line))
+        try:
+            f.write(line)  # unbuffered: one write() call per line
+        except OSError:
+            # A partial line may be there now: start a fresh shard so the next record is whole.
+            self._file = None
+            self._retired.append(f)  # lines before the torn one still get their fsync
+            raise
+        self._written += 1
+        self._latest[record.flag_id] = record
+        return record, self._written
+
+    def close(self) -> None:
+        self._sync(self._written)
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _sync(self, seq: int) -> None:
+        """Return once line number ``seq`` is on disk, fsyncing if nobody has yet."""
+        with self._sync_lock:
+            if self._synced >= seq:
+                return
+            with self._lock:
+                retired, current = self._retired, self._file
+                self._retired = []
+                upto = self._written
+            for f in retired + ([current] if current is not None else []):
+                os.fsync(f.fileno())
+            for f in retired:
+                f.close()
+            self._synced = upto
+
+    def _shard_for(self, nbytes: int):
+        day = datetime.now(timezone.utc).strftime("%Y%m%d")
+        f = self._file
+        if f is not None and day == self._day and f.tell() + nbytes <= self.max_bytes:
+            return f
+        if f is not None:
+            self._retired.append(f)  # fsynced and closed by the next _sync
+        self._day = day
+        while True:
+            self._seq += 1
+            path = self.dir / f"flags-{day}-{socket.gethostname()}-{os.getpid()}-{self._seq}.jsonl"
+            try:
+                # "xb": never append to a shard some earlier process (same pid, reused) left behind.
+                self._file = open(path, "xb", buffering=0)
+            except FileExistsError:
+                continue
+            log.info("writing flags to %s", path)
+            # Make the new file's name itself durable.
+            dirfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+            return self._file

