@@ -116,6 +116,9 @@ class Generator:
         """Yield the answer's text pieces as the model produces them (settings.seed must be >= 0)."""
         with self.lock:
             prompt = fit_history(messages, self.count_tokens, self.n_ctx, settings.max_new_tokens)
+            # Re-evaluate the whole prompt: llama-cpp-python's prefix reuse changes the logits
+            # slightly, so the same seed and settings would not reproduce the same answer.
+            self.llama.reset()
             chunks = self.llama.create_chat_completion(
                 prompt,
                 temperature=settings.temperature,
