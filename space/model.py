@@ -62,26 +62,56 @@ def resolve_model(settings: Settings) -> ModelFile:
 
 
 def _download(settings: Settings) -> ModelFile:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    import httpx2
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    repo, file = settings.model_repo, settings.model_file
+    where = f"{file!r} in Hub repo {repo!r} at revision {settings.model_revision or 'main'!r} ({constants.ENDPOINT})"
     try:
-        path = hf_hub_download(settings.model_repo, settings.model_file, revision=settings.model_revision)
-    except LocalEntryNotFoundError as err:
+        path = hf_hub_download(repo, file, revision=settings.model_revision)
+    except RemoteEntryNotFoundError as err:
+        raise ModelError(f"{where}: no such file; set FLAGLOOP_MODEL_FILE to a GGUF file of that repo") from err
+    except RevisionNotFoundError as err:
         raise ModelError(
-            f"cannot download {settings.model_file!r} from Hub repo {settings.model_repo!r} "
-            f"and it is not in the local cache ({err}); connect to the Hub, or set "
-            "FLAGLOOP_MODEL_PATH to a local GGUF file"
+            f"{where}: no such revision; set FLAGLOOP_MODEL_REVISION to a branch, tag or commit of that repo"
         ) from err
-    except HfHubHTTPError as err:
+    except RepositoryNotFoundError as err:  # also a private or gated repo the token may not read
         raise ModelError(
-            f"the Hub refused {settings.model_file!r} in repo {settings.model_repo!r}: {err}; "
-            "check FLAGLOOP_MODEL_REPO, FLAGLOOP_MODEL_FILE and your token (HF_TOKEN)"
+            f"{where}: repo not found or not readable; check FLAGLOOP_MODEL_REPO, and HF_TOKEN if it is private"
         ) from err
+    except HfHubHTTPError as err:  # 401 with a bad token, 403, 429 ...
+        raise ModelError(f"{where}: the Hub answered {_why(err)}; check HF_TOKEN, or retry later") from err
+    except LocalEntryNotFoundError as err:  # the Hub did not answer, or answered 5xx, and the cache lacks the file
+        raise ModelError(
+            f"{where}: the Hub is unavailable ({_why(err.__cause__ or err)}) and the file is not in the local "
+            "cache; check your connection and HF_ENDPOINT, or set FLAGLOOP_MODEL_PATH to a local GGUF file"
+        ) from err
+    except httpx2.HTTPError as err:  # the connection broke during the HEAD call or the download
+        raise ModelError(
+            f"{where}: the connection to the Hub broke ({_why(err)}); retry, "
+            "or set FLAGLOOP_MODEL_PATH to a local GGUF file"
+        ) from err
+    except ValueError as err:  # huggingface_hub's HFValidationError: not a valid repo id or file name
+        raise ModelError(f"{where}: {_why(err)}; fix FLAGLOOP_MODEL_REPO (namespace/name) or FLAGLOOP_MODEL_FILE") from err
     # The cache path is .../snapshots/<commit sha>/<file>: the commit pins the exact bytes.
-    parts = Path(path).parts
-    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts else settings.model_revision
-    return ModelFile(Path(path), "hub", repo=settings.model_repo, revision=revision)
+    commit = Path(path).parents[len(Path(file).parts) - 1].name
+    return ModelFile(Path(path), "hub", repo=repo, revision=commit)
+
+
+def _why(err: BaseException) -> str:
+    """What went wrong, on one line: the Hub's HTTP status and message, or the connection error."""
+    response = getattr(err, "response", None)
+    if response is not None:
+        server = " ".join((getattr(err, "server_message", None) or "").split())
+        return f"HTTP {response.status_code}" + (f": {server}" if server else "")
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def check_gguf(path: Path) -> None:

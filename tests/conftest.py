@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["tests.hubserver"]  # the hub_server fixture: a Hub-protocol server on 127.0.0.1
+
 
 def free_port() -> int:
     with socket.socket() as s:
