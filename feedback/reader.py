@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from schemas.errors import describe
 from schemas.flag import FlagRecord
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,8 @@ def read_shard(path: Path, result: ReadResult) -> None:
         try:
             result.records.append(FlagRecord.model_validate_json(raw))
         except (ValidationError, ValueError) as err:
-            msg = str(err).splitlines()[0] if not isinstance(err, ValidationError) else _short(err)
+            msg = describe(err) if isinstance(err, ValidationError) else str(err).splitlines()[0]
             result.bad.append(BadLine(str(path), i + 1, msg, torn=torn))
-
-
-def _short(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "record"
-    return f"{err.error_count()} error(s), first: {loc}: {first['msg']}"
 
 
 def read_flags(root: str | Path) -> ReadResult:

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from feedback.store import FlagStore
+    from schemas.errors import describe
     from schemas.settings import Settings
     from space.app import App, build_demo
     from space.model import ModelError, load_model
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         served = load_model(settings)
         store = FlagStore(settings.feedback_dir, max_bytes=settings.shard_max_bytes)
     except ValidationError as err:
-        print(f"flagloop: invalid settings:\n{err}", file=sys.stderr)
+        print(f"flagloop: invalid settings: {describe(err, prefix='FLAGLOOP_')}", file=sys.stderr)
         return 2
     except (ModelError, OSError) as err:
         print(f"flagloop: {err}", file=sys.stderr)

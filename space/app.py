@@ -10,8 +10,10 @@ import html
 import logging
 
 import gradio as gr
+from pydantic import ValidationError
 
 from feedback.store import FlagStore
+from schemas.errors import describe
 from schemas.flag import REASONS, ChatMessage, GenerationSettings
 from schemas.settings import Settings
 from space.chat import AnswerContext, ChatInputError, Conversation, Generator, check_message, resolve_seed
@@ -50,8 +52,8 @@ class App:
             )
         except ChatInputError as err:
             raise gr.Error(str(err)) from None
-        except ValueError as err:
-            raise gr.Error(f"Generation settings rejected: {err}") from None
+        except ValidationError as err:
+            raise gr.Error(f"Generation settings rejected: {describe(err)}.") from None
         system_prompt = system_prompt or ""
         history = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
         history += [m.model_dump() for m in conv.messages] + [{"role": "user", "content": text}]

@@ -7,6 +7,7 @@ import hashlib
 from pydantic import ValidationError
 
 from feedback.store import FlagStore
+from schemas.errors import describe
 from schemas.flag import REASONS, FlagRecord
 from space.chat import Conversation
 
@@ -74,15 +75,14 @@ def build_flag(
             correction=correction,
         )
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise FlagInputError(f"Flag not saved: {where}: {first['msg']}.") from None
+        raise FlagInputError(f"Flag not saved: {describe(err)}.") from None
 
 
 def save_message(saved: FlagRecord, previous: FlagRecord | None) -> str:
     """The confirmation a user sees after saving."""
     n = len(saved.conversation) - 1
     if previous is not None and previous.record_id == saved.record_id:
-        return f"✅ Flag on answer #{n} is already saved (revision {saved.revision}); nothing changed."
-    what = "Saved" if saved.revision == 1 else f"Updated (revision {saved.revision})"
-    return f"✅ {what}: flag on answer #{n} — id `{saved.flag_id}`."
+        return f"✅ Flag on answer #{n} is already saved (revision {saved.revision}, id `{saved.flag_id}`); nothing changed."
+    if saved.revision == 1:
+        return f"✅ Saved: flag on answer #{n} (revision 1) — id `{saved.flag_id}`."
+    return f"✅ Updated (revision {saved.revision}): flag on answer #{n} — id `{saved.flag_id}`."

@@ -146,7 +146,8 @@ def open_llama(path: Path, n_ctx: int, n_threads: int | None) -> llama_cpp.Llama
     except (ValueError, RuntimeError) as err:
         raise ModelError(
             f"llama.cpp could not load {str(path)!r} ({err}): the file is corrupt, truncated, or of an "
-            "architecture this llama-cpp-python does not support"
+            "architecture this llama-cpp-python does not support; download it again, or set "
+            "FLAGLOOP_MODEL_PATH to a complete GGUF file"
         ) from err
 
 
