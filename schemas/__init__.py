@@ -9,6 +9,7 @@ from schemas.flag import (
     ModelIdentity,
     Reason,
 )
+from schemas.review import ReviewDecision
 
 __all__ = [
     "REASONS",
@@ -18,4 +19,5 @@ __all__ = [
     "GenerationSettings",
     "ModelIdentity",
     "Reason",
+    "ReviewDecision",
 ]

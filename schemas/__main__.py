@@ -4,8 +4,9 @@ import json
 from pathlib import Path
 
 from schemas.flag import FlagRecord
+from schemas.review import ReviewDecision
 
-SCHEMA_FILES = {"flag_record.schema.json": FlagRecord}
+SCHEMA_FILES = {"flag_record.schema.json": FlagRecord, "review_decision.schema.json": ReviewDecision}
 HERE = Path(__file__).parent
 
 

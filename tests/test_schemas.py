@@ -71,3 +71,14 @@ def test_unknown_fields_are_refused():
 def test_record_round_trips_through_json():
     rec = make_flag(comment="<script>alert(1)</script> ![x](http://127.0.0.1:1/x.png) é 中")
     assert FlagRecord.model_validate_json(rec.model_dump_json()) == rec
+
+
+def test_review_decision_refuses_a_rejection_with_a_correction_and_an_empty_edit():
+    from schemas.review import ReviewDecision
+
+    ok = ReviewDecision(flag_id="f", flag_record_id="r", action="accept", correction="Shangdu.", reviewer="ana")
+    assert ok.schema_version == 1 and ok.decision_id
+    with pytest.raises(ValidationError, match="rejected flag has no correction"):
+        ReviewDecision(flag_id="f", flag_record_id="r", action="reject", correction="x", reviewer="ana")
+    with pytest.raises(ValidationError, match="cannot be empty"):
+        ReviewDecision(flag_id="f", flag_record_id="r", action="accept", correction="  ", reviewer="ana")
