@@ -26,8 +26,13 @@ THUMBS = {"👍 up": "up", "👎 down": "down", "none": None}
 THUMBS_LABEL = {v: k for k, v in THUMBS.items()}
 
 
+def shown(role: str, text: str) -> dict:
+    """A chat message as the Chatbot shows it: as plain text, HTML-escaped, so nothing in it renders."""
+    return {"role": role, "content": html.escape(text, quote=False)}
+
+
 def chat_value(conv: Conversation) -> list[dict]:
-    return [m.model_dump() for m in conv.messages]
+    return [shown(m.role, m.content) for m in conv.messages]
 
 
 class App:
@@ -57,14 +62,14 @@ class App:
         system_prompt = system_prompt or ""
         history = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
         history += [m.model_dump() for m in conv.messages] + [{"role": "user", "content": text}]
-        shown = chat_value(conv) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        display = chat_value(conv) + [shown("user", text), shown("assistant", "")]
         answer = ""
         skip = [gr.skip()] * 6
         try:
             for piece in self.generator.stream(history, gen):
                 answer += piece
-                shown[-1]["content"] = answer
-                yield [shown, conv, gr.skip(), *skip]
+                display[-1] = shown("assistant", answer)
+                yield [display, conv, gr.skip(), *skip]
         except ChatInputError as err:
             raise gr.Error(str(err)) from None
         except Exception as err:  # the model failed: keep the conversation as it was
@@ -175,7 +180,10 @@ def build_demo(app: App) -> gr.Blocks:
         gr.Markdown(model_card(app), elem_id="model-card")
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"])
+                # Plain, escaped text: user text and answers must not load images or render HTML.
+                chatbot = gr.Chatbot(
+                    label="Conversation", height=480, elem_id="chatbot", buttons=["copy"], render_markdown=False
+                )
                 with gr.Row():
                     message = gr.Textbox(
                         placeholder="Type a message and press Enter", show_label=False, scale=5, elem_id="message"
@@ -210,6 +218,7 @@ def build_demo(app: App) -> gr.Blocks:
                 concurrency_id="model", concurrency_limit=1,
             )
         clear.click(app.clear, [conv], chat_outputs, api_name="clear")
+        chatbot.clear(app.clear, [conv], chat_outputs, api_name=False)
         answer.input(app.select_answer, [conv, answer], panel, api_name=False)
         chatbot.select(app.on_chat_select, [conv], panel, api_name=False)
         chatbot.like(app.on_like, [conv], [answer, reasons, comment, correction, thumbs, status], api_name=False,
