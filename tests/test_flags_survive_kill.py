@@ -41,7 +41,7 @@ def parse_confirmation(confirmation: str) -> tuple[str, int]:
 
 
 class Burst:
-    """Clients that each chat once, then save new revisions of one flag until told to stop."""
+    """Clients that each chat once, then, all together, save new revisions of one flag until told to stop."""
 
     def __init__(self, app: RunningApp, clients: int):
         self.app = app
@@ -49,6 +49,7 @@ class Burst:
         self.lock = threading.Lock()
         self.acks: list[tuple[str, int, str]] = []  # (flag_id, revision, comment), confirmed saves only
         self.errors: list[str] = []
+        self.ready = threading.Barrier(clients)  # the burst starts once every client has its answer
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
 
     def start(self) -> None:
@@ -59,6 +60,7 @@ class Burst:
         try:
             client = new_client(self.app)
             client.predict(f"Say one word. ({i})", "", 0, 0.9, 4, 7, api_name="/chat")
+            self.ready.wait(timeout=120)
             n = 0
             while not self.stop.is_set():
                 n += 1
