@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from feedback.store import FlagStore
     from feedback.sync import start_sync
@@ -28,20 +29,27 @@ def main(argv: list[str] | None = None) -> int:
     from schemas.settings import Settings
     from space.app import App, build_demo
     from space.model import ModelError, load_model
+    from space.review import ReviewApp
 
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         settings = Settings(**overrides)
         served = load_model(settings)
         store = FlagStore(settings.feedback_dir, max_bytes=settings.shard_max_bytes)
+        review = ReviewApp(settings)
     except ValidationError as err:
         print(f"flagloop: invalid settings: {describe(err, prefix='FLAGLOOP_')}", file=sys.stderr)
+        return 2
+    except SettingsError as err:  # a variable that should hold JSON does not
+        print(f"flagloop: invalid settings: {err}", file=sys.stderr)
         return 2
     except (ModelError, OSError) as err:
         print(f"flagloop: {err}", file=sys.stderr)
         return 2
     sync = start_sync(settings)  # None unless a dataset repo and a token are configured
-    demo = build_demo(App(settings, served, store))
+    if sync is not None:
+        review.sync_status = lambda: sync.status().line()  # reviewers see the last push, pending, last error
+    demo = build_demo(App(settings, served, store), review)
     demo.queue(default_concurrency_limit=None)
     print(f"flagloop: flags are saved under {store.dir.resolve()}", flush=True)
     # A container stop (Spaces) sends SIGTERM: leave through `finally` for the last push.
@@ -50,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
     finally:
         store.close()
+        review.close()
         if sync is not None:
             sync.shutdown()  # the last push (waits at most 30 s), then the timer stops
     return 0

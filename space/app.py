@@ -19,6 +19,7 @@ from schemas.settings import Settings
 from space.chat import AnswerContext, ChatInputError, Conversation, Generator, check_message, resolve_seed
 from space.flagging import FlagInputError, answer_label, build_flag, existing_flag, save_message
 from space.model import ServedModel
+from space.review import ReviewApp, mount_review
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def model_card(app: App) -> str:
     )
 
 
-def build_demo(app: App) -> gr.Blocks:
+def build_demo(app: App, review: ReviewApp | None = None) -> gr.Blocks:
     s = app.settings
     with gr.Blocks(title="flagloop") as demo:
         conv = gr.State(None)
@@ -227,4 +228,6 @@ def build_demo(app: App) -> gr.Blocks:
             app.save_flag, [conv, answer, reasons, comment, correction, thumbs], [status], api_name="flag",
             concurrency_limit=None,
         )
+    if review is not None:
+        mount_review(demo, review)  # /review: reviewers only, after a login
     return demo
