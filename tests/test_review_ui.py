@@ -9,12 +9,10 @@ as text, and the endpoints refusing a session that never logged in.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import socket
-import threading
 import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -31,11 +29,9 @@ from feedback.reviews import ReviewStore, read_reviews  # noqa: E402
 from feedback.store import FlagStore  # noqa: E402
 from schemas.flag import ChatMessage  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
+from tests.browser import bait_server, browser  # noqa: E402,F401 (fixtures)
 from tests.records import make_flag  # noqa: E402
 
-CHROMIUM = os.environ.get("FLAGLOOP_CHROMIUM") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 STEP_MS = 15_000
 PASSWORD = "correct horse battery staple"
 T0 = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=3)
@@ -86,16 +82,6 @@ def server(tmp_path):
     demo.close()
     review.close()
     store.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM}: install Debian's chromium (`make browser`)")
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
@@ -228,38 +214,6 @@ def test_filters_narrow_the_table_and_a_row_click_opens_its_flag(page, server):
     expect(page.get_by_text("is not a date")).to_be_visible()
 
 
-class CountingServer:
-    """A loopback HTTP server that records every path requested from it."""
-
-    def __init__(self):
-        self.paths: list[str] = []
-        paths = self.paths
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                paths.append(self.path)
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def bait():
-    server = CountingServer()
-    yield server
-    server.close()
-
-
 def hostile(bait_url: str, where: str) -> str:
     """Text that runs script or fetches ``bait_url`` if a page renders it instead of showing it."""
     return (f'<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script> '
@@ -267,9 +221,9 @@ def hostile(bait_url: str, where: str) -> str:
             f'[click]({bait_url}/{where}-link) in the {where}')
 
 
-def test_hostile_user_text_is_shown_as_text_and_loads_nothing(page, server, bait):
+def test_hostile_user_text_is_shown_as_text_and_loads_nothing(page, server, bait_server):
     at = datetime.now(timezone.utc)
-    texts = {w: hostile(bait.url, w) for w in ("question", "answer", "comment", "correction", "system", "sync")}
+    texts = {w: hostile(bait_server.url, w) for w in ("question", "answer", "comment", "correction", "system", "sync")}
     server["sync"]["line"] = texts["sync"]  # an error message from the Hub, say
     store = FlagStore(server["root"])
     store.save(make_flag(
@@ -295,10 +249,10 @@ def test_hostile_user_text_is_shown_as_text_and_loads_nothing(page, server, bait
     page.wait_for_function("[...document.images].every(img => img.complete)")
     page.wait_for_timeout(500)
     assert page.evaluate("typeof window.__pwned") == "undefined"
-    assert bait.paths == [], "the review page fetched URLs written in user text"
+    assert bait_server.paths == [], "the review page fetched URLs written in user text"
     box_html = page.locator("#review-box")
     assert box_html.locator("img, script").count() == 0
-    assert box_html.locator(f'a[href^="{bait.url}"]').count() == 0
+    assert box_html.locator(f'a[href^="{bait_server.url}"]').count() == 0
 
 
 def sse_events(url: str, session_hash: str, timeout: float = 20) -> list[dict]:
