@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import logging
+import time
 
 import gradio as gr
 from pydantic import ValidationError
@@ -22,6 +23,11 @@ from space.model import ServedModel
 from space.review import ReviewApp, mount_review
 
 log = logging.getLogger(__name__)
+
+# Stream at most one chat update per this many seconds. Gradio steps the generator, then
+# postprocesses and sends each update while the model waits, so each costs the answer time
+# (bench/chat_overhead.py: one update a token made the app 0.6x as fast as raw llama.cpp).
+UI_UPDATE_SECONDS = 0.1
 
 THUMBS = {"👍 up": "up", "👎 down": "down", "none": None}
 THUMBS_LABEL = {v: k for k, v in THUMBS.items()}
@@ -47,8 +53,11 @@ class App:
 
     # --- chat ---------------------------------------------------------------------------
     def respond(self, conv, message, system_prompt, temperature, top_p, max_new_tokens, seed):
-        """Stream an answer: yields (chatbot, conv, textbox, panel updates...)."""
-        conv = conv or Conversation()
+        """Stream an answer into the chatbot; ``conv`` (a gr.State) is updated in place at the end.
+
+        Any other output of a streaming event, even a gr.skip(), costs Gradio a component rebuild
+        per update, so the textbox and the flag panel are updated once, by ``after_answer``.
+        """
         try:
             text = check_message(message, self.settings.max_message_chars)
             gen = resolve_seed(
@@ -65,12 +74,14 @@ class App:
         history += [m.model_dump() for m in conv.messages] + [{"role": "user", "content": text}]
         display = chat_value(conv) + [shown("user", text), shown("assistant", "")]
         answer = ""
-        skip = [gr.skip()] * 6
+        last = 0.0
         try:
             for piece in self.generator.stream(history, gen):
                 answer += piece
-                display[-1] = shown("assistant", answer)
-                yield [display, conv, gr.skip(), *skip]
+                if time.monotonic() - last >= UI_UPDATE_SECONDS:  # the first piece at once, then throttled
+                    last = time.monotonic()
+                    display[-1] = shown("assistant", answer)
+                    yield display
         except ChatInputError as err:
             raise gr.Error(str(err)) from None
         except Exception as err:  # the model failed: keep the conversation as it was
@@ -82,7 +93,11 @@ class App:
         ]
         index = len(conv.messages) - 1
         conv.answers[index] = AnswerContext(self.served.identity, gen, system_prompt)
-        yield [chat_value(conv), conv, "", *self.panel(conv, index)]
+        yield chat_value(conv)
+
+    def after_answer(self, conv):
+        """Clear the textbox and point the flag panel at the answer just given."""
+        return ["", *self.panel(conv, max(conv.answers, default=None))]
 
     def clear(self, conv):
         conv = conv or Conversation()
@@ -176,7 +191,7 @@ def model_card(app: App) -> str:
 def build_demo(app: App, review: ReviewApp | None = None) -> gr.Blocks:
     s = app.settings
     with gr.Blocks(title="flagloop") as demo:
-        conv = gr.State(None)
+        conv = gr.State(lambda: Conversation())  # one per session; handlers update it in place
         gr.Markdown("## flagloop — chat, and flag the answers that are wrong")
         gr.Markdown(model_card(app), elem_id="model-card")
         with gr.Row():
@@ -200,7 +215,9 @@ def build_demo(app: App, review: ReviewApp | None = None) -> gr.Blocks:
                     seed = gr.Number(s.generation.seed, precision=0, label="Seed (-1: random)")
                 with gr.Group(elem_id="flag-panel"):
                     gr.Markdown("### Flag an answer")
-                    answer = gr.Dropdown([], label="Answer", elem_id="flag-answer", allow_custom_value=False)
+                    # Custom values allowed: API callers of /chat never get the choices update (it is a
+                    # follow-up event); build_flag checks that the answer exists.
+                    answer = gr.Dropdown([], label="Answer", elem_id="flag-answer", allow_custom_value=True)
                     reasons = gr.CheckboxGroup(list(REASONS), label="What is wrong", elem_id="flag-reasons")
                     comment = gr.Textbox(label="Comment", lines=2, elem_id="flag-comment")
                     correction = gr.Textbox(
@@ -215,9 +232,9 @@ def build_demo(app: App, review: ReviewApp | None = None) -> gr.Blocks:
         chat_outputs = [chatbot, conv, message, *panel]
         for trigger, name in ((message.submit, "chat"), (send.click, None)):
             trigger(
-                app.respond, chat_inputs, chat_outputs, api_name=name or False,
+                app.respond, chat_inputs, [chatbot], api_name=name or False,
                 concurrency_id="model", concurrency_limit=1,
-            )
+            ).success(app.after_answer, [conv], [message, *panel], api_name=False)
         clear.click(app.clear, [conv], chat_outputs, api_name="clear")
         chatbot.clear(app.clear, [conv], chat_outputs, api_name=False)
         answer.input(app.select_answer, [conv, answer], panel, api_name=False)

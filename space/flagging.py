@@ -46,7 +46,8 @@ def build_flag(
 ) -> FlagRecord:
     """The FlagRecord for one answer of ``conv``; FlagInputError says what is wrong with the input."""
     if answer_index is None or answer_index not in conv.answers or answer_index >= len(conv.messages):
-        raise FlagInputError("Pick an answer to flag first: there is no such answer in this conversation.")
+        which = "" if answer_index is None else f" #{answer_index}"
+        raise FlagInputError(f"Pick an answer to flag first: there is no answer{which} in this conversation.")
     unknown = [r for r in reasons or [] if r not in REASONS]
     if unknown:
         raise FlagInputError(f"Unknown reason(s) {unknown}: choose from {', '.join(REASONS)}.")
