@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas.errors import describe
 from schemas.flag import FlagRecord
@@ -46,20 +48,40 @@ def shard_paths(root: str | Path) -> list[Path]:
     return sorted((Path(root) / FLAGS_SUBDIR).glob("*.jsonl"))
 
 
-def read_shard(path: Path, result: ReadResult) -> None:
-    data = path.read_bytes()
-    lines = data.split(b"\n")
+def read_jsonl(path: Path, model: type[BaseModel], records: list, bad: list[BadLine]) -> None:
+    """Append each line of the shard ``path`` as a ``model`` to ``records``, or as a BadLine to ``bad``."""
+    lines = path.read_bytes().split(b"\n")
     # A complete file ends with "\n", so the last split piece is empty; anything else is torn.
     last = len(lines) - 1
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        torn = i == last
-        try:
-            result.records.append(FlagRecord.model_validate_json(raw))
-        except (ValidationError, ValueError) as err:
-            msg = describe(err) if isinstance(err, ValidationError) else str(err).splitlines()[0]
-            result.bad.append(BadLine(str(path), i + 1, msg, torn=torn))
+    with gc_paused():
+        for i, raw in enumerate(lines):
+            if not raw or raw.isspace():
+                continue
+            try:
+                records.append(model.model_validate_json(raw))
+            except (ValidationError, ValueError) as err:
+                msg = describe(err) if isinstance(err, ValidationError) else str(err).splitlines()[0]
+                bad.append(BadLine(str(path), i + 1, msg, torn=i == last))
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector during a bulk read.
+
+    Records read back hold no reference cycles, and the collector rescanning the growing list of
+    them, again and again, costs a quarter of reading 100k lines.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def read_shard(path: Path, result: ReadResult) -> None:
+    read_jsonl(path, FlagRecord, result.records, result.bad)
 
 
 def read_flags(root: str | Path) -> ReadResult:

@@ -27,8 +27,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from feedback.reader import BadLine, shard_paths
-from feedback.reviews import gc_paused
+from feedback.reader import BadLine, gc_paused, shard_paths
 from schemas.flag import REASONS, FlagRecord
 from schemas.review import ReviewDecision
 

@@ -13,18 +13,15 @@ deciding again appends a newer decision, and readers keep the latest one of each
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from feedback.reader import BadLine
+from feedback.reader import BadLine, gc_paused, read_jsonl
 from feedback.store import ShardWriter
-from schemas.errors import describe
 from schemas.review import ReviewDecision
 
 log = logging.getLogger(__name__)
@@ -40,22 +37,6 @@ class ReadReviews:
     bad: list[BadLine] = field(default_factory=list)
 
 
-@contextmanager
-def gc_paused():
-    """Pause the cyclic garbage collector during a bulk read.
-
-    Records read back hold no reference cycles, and the collector rescanning the growing list of
-    them, again and again, costs a quarter of reading 100k lines.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def review_shard_paths(root: str | Path) -> list[Path]:
     return sorted((Path(root) / REVIEWS_SUBDIR).glob("*.jsonl"))
 
@@ -64,17 +45,7 @@ def read_reviews(root: str | Path) -> ReadReviews:
     """Every ReviewDecision under ``root``; a torn last line or a bad row is reported, not fatal."""
     result = ReadReviews()
     for path in review_shard_paths(root):
-        lines = path.read_bytes().split(b"\n")
-        last = len(lines) - 1  # a whole file ends with "\n": its last piece is empty
-        with gc_paused():
-            for i, raw in enumerate(lines):
-                if not raw or raw.isspace():
-                    continue
-                try:
-                    result.decisions.append(ReviewDecision.model_validate_json(raw))
-                except (ValidationError, ValueError) as err:
-                    msg = describe(err) if isinstance(err, ValidationError) else str(err).splitlines()[0]
-                    result.bad.append(BadLine(str(path), i + 1, msg, torn=i == last))
+        read_jsonl(path, ReviewDecision, result.decisions, result.bad)
     for bad in result.bad:
         log.warning("%s", bad)
     return result
