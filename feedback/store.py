@@ -12,8 +12,8 @@ a record the caller was told about survives a crash; a crash mid-write leaves at
 last line, which the reader reports and skips.
 
 Concurrent saves share fsyncs (group commit): each writer's line is written under the lock,
-then one fsync makes every line written so far durable, so 32 writers do not queue behind 32
-fsyncs. The shard writing itself is ``ShardWriter``, shared with the review decisions' store.
+then one leader's fsync makes every line written so far durable while the others wait on a
+condition, so 32 writers do not queue behind 32 fsyncs. The shard writing itself is ``ShardWriter``, shared with the review decisions' store.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ class ShardWriter:
         self.prefix = prefix
         self.max_bytes = max_bytes
         self.lock = threading.Lock()  # guards the file and the counters (and the caller's index)
-        self._sync_lock = threading.Lock()  # one fsync at a time; taken before lock, never inside it
+        # Group commit: one caller (the leader) fsyncs for every line written so far while the
+        # others sleep on _cond; guards _synced and _syncing, never held together with lock.
+        self._cond = threading.Condition()
+        self._syncing = False
         self._file = None
         self._retired: list = []  # rotated-out shards not yet fsynced and closed
         self._written = 0  # lines written so far
@@ -90,10 +93,17 @@ class ShardWriter:
                 self._file = None
 
     def sync(self, seq: int) -> None:
-        """Return once line number ``seq`` is on disk, fsyncing if nobody has yet."""
-        with self._sync_lock:
-            if self._synced >= seq:
+        """Return once line number ``seq`` is on disk: one caller fsyncs for all who wait."""
+        with self._cond:
+            while self._synced < seq:
+                if not self._syncing:
+                    self._syncing = True  # lead: fsync below, outside the condition
+                    break
+                self._cond.wait()
+            else:
                 return
+        upto, retired = None, []
+        try:
             with self.lock:
                 retired, current = self._retired, self._file
                 self._retired = []
@@ -102,7 +112,17 @@ class ShardWriter:
                 os.fsync(f.fileno())
             for f in retired:
                 f.close()
-            self._synced = upto
+        except BaseException:
+            with self.lock:  # rotated-out shards not yet durable wait for the next fsync
+                self._retired = [f for f in retired if not f.closed] + self._retired
+            upto = None
+            raise
+        finally:
+            with self._cond:
+                self._syncing = False
+                if upto is not None:
+                    self._synced = max(self._synced, upto)
+                self._cond.notify_all()  # followers recheck; one not yet covered leads the next fsync
 
     def _shard_for(self, nbytes: int):
         day = datetime.now(timezone.utc).strftime("%Y%m%d")

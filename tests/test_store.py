@@ -171,3 +171,29 @@ def test_flags_load_as_a_dataset_with_the_schema_features(tmp_path):
 def test_an_empty_store_loads_as_an_empty_dataset_with_features(tmp_path):
     ds = load_flags_dataset(tmp_path)
     assert len(ds) == 0 and ds.features == flag_features()
+
+
+def test_a_failed_fsync_leaves_rotated_shards_for_the_next_one(tmp_path, monkeypatch):
+    store = FlagStore(tmp_path, max_bytes=4096)
+    store.save(make_flag())
+    real_fsync = os.fsync
+    calls, failed = [], []
+
+    def failing_once(fd):
+        calls.append(fd)
+        if not failed:
+            failed.append(fd)
+            raise OSError(5, "I/O error")
+        return real_fsync(fd)
+
+    while len(shard_paths(tmp_path)) < 2:  # rotate: the first shard waits, retired, for its fsync
+        with store._writer.lock:
+            store._writer.write(make_flag().model_dump_json().encode() + b"\n")
+    retired_fd = store._writer._retired[0].fileno()
+    monkeypatch.setattr(store_mod.os, "fsync", failing_once)
+    with pytest.raises(OSError):
+        store.save(make_flag())
+    assert failed == [retired_fd]
+    calls.clear()
+    store.save(make_flag())
+    assert retired_fd in calls, "the rotated shard whose fsync failed was never fsynced again"
