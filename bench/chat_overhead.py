@@ -26,13 +26,16 @@ that other processes disturbed anyway (more than 0.2 cores on average) is marked
 keep being added until ``--reps`` pairs ran undisturbed (or ``--budget`` runs out), and the
 medians and the verdict are taken over the undisturbed pairs only.
 
-Last, and free of that noise, it times the server's share of one streamed update in this
-process: one step of the real ``App.respond`` (its model swapped for one that answers at once)
-plus Gradio's postprocessing and diffing of what it yields, for histories of 0, 10 and 40 turns,
+tokens/s is tokens over the whole answer time (end to end, TTFT included); "after the first
+token" is the streaming rate without TTFT.
+
+Last, and free of that noise, it times the server's share of one streamed update, in this
+process: Gradio's postprocessing and diffing of an update exactly as the real ``App.respond``
+yields it (its model swapped for one that answers at once), for histories of 0, 10 and 40 turns,
 next to the same for a Blocks whose only output is a Chatbot. Gradio drives a generator one step
 at a time, so the model waits while each update is processed.
 
-    .venv/bin/python bench/chat_overhead.py              # embedded model, 2 threads, 7 reps
+    .venv/bin/python bench/chat_overhead.py              # embedded model, 2 threads, 7 undisturbed pairs
     .venv/bin/python bench/chat_overhead.py --reps 9 --max-new-tokens 256
 """
 
@@ -47,6 +50,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +101,10 @@ class Run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2-135M Q4_1)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads on both sides (default 2)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context window on both sides (default 2048, the app's)")
@@ -217,16 +224,17 @@ def app_run(client, app_pid: int, rep: int, prompt: str, args) -> Run:
         prompt, args.system_prompt, 0.0, 0.95, args.max_new_tokens, args.seed, api_name="/chat"
     )
     outputs = job.communicator.job.outputs = TimedOutputs(job.communicator.job.outputs)
-    job.result()
+    final = job.result()
     total = time.perf_counter() - start
     cpu, client = process_cpu(app_pid) - cpu0, process_cpu(os.getpid()) - client0
-    first = None
-    text = ""
-    for arrived, out in zip(outputs.times, outputs):
-        text = assistant_text(out[0] if isinstance(out, tuple) else out)  # a tuple when /chat has several outputs
-        if first is None and text:
-            first = arrived - start
-    return Run("app", rep, prompt, text, first or total, total, len(outputs), cpu, client, roundtrip=roundtrip)
+    arrivals = zip(outputs.times, outputs, strict=True)
+    first = next((arrived - start for arrived, out in arrivals if chatbot_text(out)), total)
+    return Run("app", rep, prompt, chatbot_text(final), first, total, len(outputs), cpu, client, roundtrip=roundtrip)
+
+
+def chatbot_text(output) -> str:
+    """The answer's text in one /chat output: the chatbot alone, or first of a tuple of outputs."""
+    return assistant_text(output[0] if isinstance(output, tuple) else output)
 
 
 def with_others(run_once, pids: list[int]) -> Run:
@@ -264,7 +272,7 @@ async def time_update(demo, fn, value, session: str, times: int = 200, warmup: i
 
     state = SessionState(demo)
     spent = []
-    for i in range(warmup + times):
+    for _ in range(warmup + times):
         t0 = time.perf_counter()
         data = await demo.postprocess_data(fn, value, state)
         demo.handle_streaming_diffs(fn, data, session, "run", final=False)
@@ -327,7 +335,8 @@ def print_runs(runs: list[Run]) -> None:
         client = f"{r.client_cpu:>6.2f}" if r.path == "app" else f"{'-':>6}"
         mark = "!" if r.disturbed else " "
         print(f"{r.rep:>3}{mark} {r.path:<4} {r.ttft * 1000:>8.1f} {r.total:>8.3f} {r.tokens:>6} "
-              f"{r.tokens_per_s:>7.1f} {r.decode_tokens_per_s:>8.1f} {r.updates:>7} {r.cpu:>6.2f} {client} {r.others_cpu:>6.2f}  {r.prompt[:36]}")
+              f"{r.tokens_per_s:>7.1f} {r.decode_tokens_per_s:>8.1f} {r.updates:>7} {r.cpu:>6.2f} {client} "
+              f"{r.others_cpu:>6.2f}  {r.prompt[:36]}")
 
 
 def print_summary(raw: list[Run], app: list[Run], label: str) -> float:
@@ -337,7 +346,7 @@ def print_summary(raw: list[Run], app: list[Run], label: str) -> float:
     raw_cpu = median([r.cpu / max(r.tokens, 1) * 1000 for r in raw])
     app_cpu = median([r.cpu / max(r.tokens, 1) * 1000 for r in app])
     ratio = app_tps / raw_tps
-    paired = median([a.tokens_per_s / r.tokens_per_s for r, a in zip(raw, app)])
+    paired = median([a.tokens_per_s / r.tokens_per_s for r, a in zip(raw, app, strict=True)])
     print()
     print(f"{label:<32} {'raw':>10} {'app':>10} {'app vs raw':>12}")
     print(f"{'tokens/s (end to end)':<32} {raw_tps:>10.1f} {app_tps:>10.1f} {ratio:>11.3f}x")
@@ -348,7 +357,8 @@ def print_summary(raw: list[Run], app: list[Run], label: str) -> float:
     app_client = median([r.client_cpu / max(r.tokens, 1) * 1000 for r in app])
     print(f"{'CPU ms/token, gradio client':<32} {'-':>10} {app_client:>10.2f}")
     print(f"{'API round trip ms (/clear)':<32} {'-':>10} {median([r.roundtrip for r in app]) * 1000:>10.1f}")
-    print(f"{'updates per answer':<32} {median([r.updates for r in raw]):>10.0f} {median([r.updates for r in app]):>10.0f}")
+    raw_updates, app_updates = median([r.updates for r in raw]), median([r.updates for r in app])
+    print(f"{'updates per answer':<32} {raw_updates:>10.0f} {app_updates:>10.0f}")
     print(f"{'tokens/s, median of pair ratios':<32} {'':>10} {'':>10} {paired:>11.3f}x")
     return ratio
 
@@ -371,9 +381,9 @@ def measure_pairs(llm, client, app_pid: int, args) -> list[tuple[Run, Run]]:
             time.sleep(args.pause)
             wait_for_quiet(pids, args.max_background, args.quiet_timeout)
             if path == "raw":
-                run = with_others(lambda: raw_run(llm, rep, prompt, args), pids)
+                run = with_others(partial(raw_run, llm, rep, prompt, args), pids)
             else:
-                run = with_others(lambda: app_run(client, app_pid, rep, prompt, args), pids)
+                run = with_others(partial(app_run, client, app_pid, rep, prompt, args), pids)
             run.tokens = len(llm.tokenize(run.text.encode("utf-8"), add_bos=False, special=False))
             runs[path] = run
             if args.verbose:

@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from feedback.reader import read_flags  # noqa: E402
-from feedback.store import FlagStore  # noqa: E402
-from schemas.flag import ChatMessage, FlagRecord, GenerationSettings, ModelIdentity  # noqa: E402
+from feedback.reader import read_flags
+from feedback.store import FlagStore
+from schemas.flag import ChatMessage, FlagRecord, GenerationSettings, ModelIdentity
 
 P99_GOAL_MS = 20.0
 MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
@@ -59,14 +59,14 @@ MODEL = ModelIdentity(
 )
 TURNS = [
     ("How do I keep basil alive indoors?",
-     "Basil likes sun and warmth: put it on a south-facing sill, water it when the top centimetre of soil is "
-     "dry, and pinch off flower buds so the plant keeps making leaves. Avoid cold drafts below 10 °C."),
+     ("Basil likes sun and warmth: put it on a south-facing sill, water it when the top centimetre of soil is "
+      "dry, and pinch off flower buds so the plant keeps making leaves. Avoid cold drafts below 10 °C.")),
     ("And how often should I fertilise it?",
-     "Feed it every two to four weeks in spring and summer with a balanced liquid fertiliser at half strength; "
-     "in winter, when it grows slowly, once a month is enough."),
+     ("Feed it every two to four weeks in spring and summer with a balanced liquid fertiliser at half strength; "
+      "in winter, when it grows slowly, once a month is enough.")),
     ("Can I grow it from a supermarket pot?",
-     "Yes. Supermarket basil is usually many seedlings crammed together: split the clump into three or four "
-     "smaller ones, repot each in fresh compost, and they will last for months instead of days. 🌿"),
+     ("Yes. Supermarket basil is usually many seedlings crammed together: split the clump into three or four "
+      "smaller ones, repot each in fresh compost, and they will last for months instead of days. 🌿")),
 ]
 
 
@@ -94,9 +94,13 @@ class Result:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--writers", type=int, nargs="+", default=[1, 32], help="writer threads per run (default: 1 32)")
-    p.add_argument("--flags", type=int, default=20_000, help="flags each store run saves, over all writers (default 20000)")
+    p.add_argument("--flags", type=int, default=20_000,
+                   help="flags each store run saves, over all writers (default 20000)")
     p.add_argument("--dir", type=Path, default=ROOT / ".bench-tmp" / f"flag-store-{os.getpid()}",
                    help="scratch folder on the disk to measure (default: .bench-tmp/ in the repo); deleted after")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -220,7 +224,7 @@ def bench_store(folder: Path, writers: int, flags: int) -> Result:
             t0 = time.perf_counter()
             try:
                 saved = store.save(record)
-            except Exception as err:  # counted and reported: a failed save is not acknowledged
+            except OSError as err:  # counted and reported: a failed save is not acknowledged
                 errors.append(err)
                 continue
             latencies[w].append(time.perf_counter() - t0)
@@ -291,7 +295,7 @@ def bench_app(folder: Path, clients: int, duration: float) -> Result:
                         1, ["incomplete", "unhelpful"], f"client {i}, save {n}: too short to be useful",
                         "Hello! How can I help you today?", "👎 down", api_name="/flag",
                     )
-                except Exception as err:  # counted and reported: a failed save is not acknowledged
+                except Exception as err:  # noqa: BLE001  any failed call is counted and reported, not acknowledged
                     errors.append(err)
                     continue
                 latencies[i].append(time.perf_counter() - t0)
@@ -351,7 +355,8 @@ def print_table(results: list[Result]) -> None:
         if r.name.startswith("disk"):
             loss = "-"
         print(f"{r.name:<44} {len(r.acked):>7} {len(r.acked) / r.elapsed:>8.0f} {percentile(ms, 0.5):>7.2f} "
-              f"{percentile(ms, 0.99):>7.2f} {max(ms, default=float('nan')):>7.2f} {fsyncs:>7} {r.others:>6.2f}  {loss}")
+              f"{percentile(ms, 0.99):>7.2f} {max(ms, default=float('nan')):>7.2f} {fsyncs:>7} "
+              f"{r.others:>6.2f}  {loss}")
     for r in results:
         if r.cpu:
             used = ", ".join(f"{name} {sec:.1f} s ({sec / r.elapsed:.2f} cores)" for name, sec in r.cpu.items())
