@@ -50,17 +50,20 @@ def start_app(feedback_dir: Path, log: Path, extra_env: dict | None = None, time
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return RunningApp(url, proc, feedback_dir, log)
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"app did not start in {timeout}s:\n{log.read_text()}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return RunningApp(url, proc, feedback_dir, log)
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"app did not start in {timeout}s:\n{log.read_text()}")
+    except BaseException:  # also Ctrl-C: never leave the app running
+        proc.kill()
+        raise
 
 
 @pytest.fixture
