@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from schemas.flag import GenerationSettings
+from schemas.run import RetrainSettings
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -56,6 +57,12 @@ class Settings(BaseSettings):
         None, description="Hub token with write access (default: HF_TOKEN, else the token saved by `hf auth login`)"
     )
     push_every_minutes: float = Field(5.0, gt=0, description="minutes between two pushes to the dataset repo")
+
+    # Model registry (retrain/registry.py): published versions and the `current` pointer the app serves.
+    registry_dir: Path = Field(Path("data/registry"), description="local model registry: versions/vN/ and current.json")
+    registry_repo: str | None = Field(None, description="Hub model repo the registry also publishes to (one commit + tag per version)")
+    registry_poll_seconds: float = Field(10.0, gt=0, description="how often the app checks the registry for a new current version")
+    retrain: RetrainSettings = RetrainSettings()
 
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
