@@ -72,3 +72,22 @@ def app_server(tmp_path):
     app = start_app(tmp_path / "feedback", tmp_path / "app.log")
     yield app
     app.kill()
+
+
+# Materialising the embedded GGUF as safetensors takes ~30 s: once per machine, in an ignored folder.
+BASE_CACHE = ROOT / ".cache" / "base"
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf() -> Path:
+    from space.model import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def embedded_base(embedded_gguf) -> Path:
+    """The embedded model as a plain HF folder (float32 safetensors + tokenizer + chat template)."""
+    from retrain.base import materialise
+
+    return materialise(embedded_gguf, BASE_CACHE)
