@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import signal
 import statistics
@@ -128,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="summarize only undisturbed pairs when there are at least this many (default 3)")
     p.add_argument("--no-update-cost", dest="update_cost", action="store_false",
                    help="skip the in-process timing of one streamed update")
+    p.add_argument("--client", choices=("browser", "gradio_client"), default="browser",
+                   help="browser: one keep-alive HTTP session reading the event stream as the web page does "
+                        "(default); gradio_client: gradio_client.Client.submit, with its per-request costs")
     p.add_argument("--verbose", action="store_true", help="print every run as it finishes")
     return p.parse_args(argv)
 
@@ -232,6 +236,78 @@ def app_run(client, app_pid: int, rep: int, prompt: str, args) -> Run:
     return Run("app", rep, prompt, chatbot_text(final), first, total, len(outputs), cpu, client, roundtrip=roundtrip)
 
 
+class BrowserLikeClient:
+    """Streams /chat as the app's web page does: one keep-alive HTTP client for the whole session.
+
+    Per request it POSTs ``queue/join`` and reads the session's ``queue/data`` event stream on
+    a pooled connection, stamping each message as it arrives (no polling thread, no new client
+    or SSL context per request: the per-request costs gradio_client adds and a browser does not).
+    Streamed updates are diffs (Gradio's sse_v3 protocol); they are applied with gradio_client's
+    own ``apply_diff``.
+    """
+
+    def __init__(self, url: str):
+        import uuid
+
+        import httpx
+        from gradio_client import Client
+
+        config = Client(url, verbose=False)  # only to read the endpoints' fn_index and state inputs
+        self.endpoints = {e.api_name.lstrip("/"): e for e in config.endpoints.values() if e.api_name}
+        self.http = httpx.Client(base_url=url.rstrip("/") + "/gradio_api/", timeout=None)
+        self.session = uuid.uuid4().hex[:11]
+
+    def call(self, api_name: str, *args) -> tuple[list, list[float], object]:
+        """Run one event; return (streamed outputs, their arrival times, final output)."""
+        from gradio_client.utils import apply_diff
+
+        endpoint = self.endpoints[api_name]
+        data = list(endpoint.insert_empty_state(*args))
+        joined = self.http.post("queue/join", json={
+            "data": data, "fn_index": endpoint.fn_index, "session_hash": self.session, "event_data": None,
+            "trigger_id": None,
+        })
+        joined.raise_for_status()
+        event_id = joined.json()["event_id"]
+        outputs, times, current = [], [], None
+        with self.http.stream("GET", "queue/data", params={"session_hash": self.session}) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                if msg.get("event_id") != event_id:
+                    continue
+                if msg["msg"] == "process_generating":
+                    out = msg["output"]["data"]
+                    current = out if current is None else [apply_diff(c, d) for c, d in zip(current, out)]
+                    times.append(time.perf_counter())
+                    outputs.append(current[0])
+                elif msg["msg"] == "process_completed":
+                    if not msg.get("success", True):
+                        raise RuntimeError(f"/{api_name} failed: {msg.get('output')}")
+                    return outputs, times, msg["output"]["data"][0]
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def browser_app_run(client: BrowserLikeClient, app_pid: int, rep: int, prompt: str, args) -> Run:
+    """Stream one answer through the running app, as its web page would, in a fresh conversation."""
+    t0 = time.perf_counter()
+    client.call("clear")
+    roundtrip = time.perf_counter() - t0
+    cpu0, client0 = process_cpu(app_pid), process_cpu(os.getpid())
+    start = time.perf_counter()
+    outputs, times, final = client.call(
+        "chat", prompt, args.system_prompt, 0.0, 0.95, args.max_new_tokens, args.seed
+    )
+    total = time.perf_counter() - start
+    cpu, client_cpu = process_cpu(app_pid) - cpu0, process_cpu(os.getpid()) - client0
+    first = next((t - start for t, out in zip(times, outputs) if assistant_text(out)), total)
+    return Run("app", rep, prompt, assistant_text(final), first, total, len(outputs), cpu, client_cpu,
+               roundtrip=roundtrip)
+
+
 def chatbot_text(output) -> str:
     """The answer's text in one /chat output: the chatbot alone, or first of a tuple of outputs."""
     return assistant_text(output[0] if isinstance(output, tuple) else output)
@@ -252,7 +328,9 @@ class InstantGenerator:
     def __init__(self, pieces: list[str]):
         self.pieces = pieces
 
-    def stream(self, messages, settings):
+    def stream(self, messages, settings, on_start=None):
+        if on_start is not None:
+            on_start(None)  # no identity of its own: the app stamps its served model's
         yield from self.pieces
 
 
@@ -383,7 +461,8 @@ def measure_pairs(llm, client, app_pid: int, args) -> list[tuple[Run, Run]]:
             if path == "raw":
                 run = with_others(partial(raw_run, llm, rep, prompt, args), pids)
             else:
-                run = with_others(partial(app_run, client, app_pid, rep, prompt, args), pids)
+                run_app = browser_app_run if isinstance(client, BrowserLikeClient) else app_run
+                run = with_others(partial(run_app, client, app_pid, rep, prompt, args), pids)
             run.tokens = len(llm.tokenize(run.text.encode("utf-8"), add_bos=False, special=False))
             runs[path] = run
             if args.verbose:
@@ -402,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.conftest import start_app
 
     model = args.model or embedded_model_path()
-    print(f"model {model}  threads {args.threads}  n_ctx {args.n_ctx}  max_new_tokens {args.max_new_tokens}  "
+    print(f"client {args.client}  model {model}  threads {args.threads}  n_ctx {args.n_ctx}  max_new_tokens {args.max_new_tokens}  "
           f"reps {args.reps}  greedy (temperature 0, seed {args.seed})  cpus {os.cpu_count()}  "
           f"load {os.getloadavg()[0]:.2f}")
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_threads=args.threads,
@@ -413,11 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flagloop-bench-") as tmp:
         app = start_app(Path(tmp) / "feedback", Path(tmp) / "app.log", extra_env=env)
         try:
-            client = Client(app.url, verbose=False)
+            client = BrowserLikeClient(app.url) if args.client == "browser" else Client(app.url, verbose=False)
             # Warm-up: first-decode costs (page faults, buffers) and Gradio's first-request paths.
             warm = "Say hello."
             raw_run(llm, 0, warm, args)
-            app_run(client, app.proc.pid, 0, warm, args)
+            (browser_app_run if args.client == "browser" else app_run)(client, app.proc.pid, 0, warm, args)
             pairs = measure_pairs(llm, client, app.proc.pid, args)
         finally:
             app.kill()

@@ -25,16 +25,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from feedback.store import FlagStore
     from feedback.sync import start_sync
+    from retrain.registry import LocalRegistry
     from schemas.errors import describe
     from schemas.settings import Settings
     from space.app import App, build_demo
-    from space.model import ModelError, load_model
+    from space.model import ModelError
+    from space.registry_watch import RegistryWatch, initial_model, load_version
     from space.review import ReviewApp
 
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         settings = Settings(**overrides)
-        served = load_model(settings)
+        registry = LocalRegistry(settings.registry_dir)
+        served, seen = initial_model(settings, registry)  # the registry's current version, else the configured model
         store = FlagStore(settings.feedback_dir, max_bytes=settings.shard_max_bytes)
         review = ReviewApp(settings)
     except ValidationError as err:
@@ -49,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     sync = start_sync(settings)  # None unless a dataset repo and a token are configured
     if sync is not None:
         review.sync_status = lambda: sync.status().line()  # reviewers see the last push, pending, last error
-    demo = build_demo(App(settings, served, store), review)
+    app = App(settings, served, store)
+    # A new registry version (a publish or a rollback) is loaded in the background and swapped in between answers.
+    watch = RegistryWatch(registry, lambda version: load_version(settings, registry, version), app.swap_model,
+                          every=settings.registry_poll_seconds, seen=seen).start()
+    demo = build_demo(app, review)
     demo.queue(default_concurrency_limit=None)
     print(f"flagloop: flags are saved under {store.dir.resolve()}", flush=True)
     # A container stop (Spaces) sends SIGTERM: leave through `finally` for the last push.
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
     finally:
+        watch.stop(timeout=10)
         store.close()
         review.close()
         if sync is not None:

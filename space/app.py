@@ -49,7 +49,14 @@ class App:
         self.settings = settings
         self.served = served
         self.store = store
-        self.generator = Generator(served.llama, settings.n_ctx)
+        self.generator = Generator(served.llama, settings.n_ctx, served.identity)
+
+    def swap_model(self, served: ServedModel) -> None:
+        """Serve another model (a new registry version) from the next answer on; an answer in flight ends on the old one."""
+        old = self.generator.swap(served.llama, served.identity)
+        self.served = served
+        if old is not served.llama:
+            old.close()  # nothing uses it any more: free its memory now, not at the next garbage collection
 
     # --- chat ---------------------------------------------------------------------------
     def respond(self, conv, message, system_prompt, temperature, top_p, max_new_tokens, seed):
@@ -75,8 +82,9 @@ class App:
         display = chat_value(conv) + [shown("user", text), shown("assistant", "")]
         answer = ""
         last = 0.0
+        answered_by = []  # the identity of the model that gives this answer (a swap may come right after it)
         try:
-            for piece in self.generator.stream(history, gen):
+            for piece in self.generator.stream(history, gen, on_start=answered_by.append):
                 answer += piece
                 if time.monotonic() - last >= UI_UPDATE_SECONDS:  # the first piece at once, then throttled
                     last = time.monotonic()
@@ -92,7 +100,8 @@ class App:
             ChatMessage(role="assistant", content=answer),
         ]
         index = len(conv.messages) - 1
-        conv.answers[index] = AnswerContext(self.served.identity, gen, system_prompt)
+        model = next((m for m in answered_by if m is not None), self.served.identity)
+        conv.answers[index] = AnswerContext(model, gen, system_prompt)
         yield chat_value(conv)
 
     def after_answer(self, conv):
@@ -193,7 +202,7 @@ def build_demo(app: App, review: ReviewApp | None = None) -> gr.Blocks:
     with gr.Blocks(title="flagloop") as demo:
         conv = gr.State(lambda: Conversation())  # one per session; handlers update it in place
         gr.Markdown("## flagloop — chat, and flag the answers that are wrong")
-        gr.Markdown(model_card(app), elem_id="model-card")
+        gr.Markdown(lambda: model_card(app), elem_id="model-card")  # read at each page load: the version can change
         with gr.Row():
             with gr.Column(scale=3):
                 # Plain, escaped text: user text and answers must not load images or render HTML.

@@ -2,6 +2,8 @@
 
 The llama model is not thread-safe, so one generation runs at a time (``Generator.lock``);
 each browser session keeps its own ``Conversation``, so no user sees another's turns.
+A new model version is swapped in under the same lock (``Generator.swap``), so it takes over
+between two answers, and each answer reports the identity of the model that gave it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from schemas.flag import ChatMessage, GenerationSettings, ModelIdentity, check_text
@@ -102,19 +104,39 @@ def fit_history(
 
 
 class Generator:
-    """Streams answers from one llama model, one generation at a time."""
+    """Streams answers from one llama model, one generation at a time; the model can be swapped between answers."""
 
-    def __init__(self, llama, n_ctx: int):
+    def __init__(self, llama, n_ctx: int, identity: ModelIdentity | None = None):
         self.llama = llama
+        self.identity = identity
         self.n_ctx = n_ctx
         self.lock = threading.Lock()
+
+    def swap(self, llama, identity: ModelIdentity | None):
+        """Serve `llama` from the next answer on; return the model it replaces.
+
+        Waits for the answer in flight, which finishes on the old model. Nothing uses the
+        returned model afterwards, so the caller may close it.
+        """
+        with self.lock:
+            old, self.llama, self.identity = self.llama, llama, identity
+        return old
 
     def count_tokens(self, text: str) -> int:
         return len(self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def stream(self, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
-        """Yield the answer's text pieces as the model produces them (settings.seed must be >= 0)."""
+    def stream(
+        self, messages: list[dict], settings: GenerationSettings,
+        on_start: Callable[[ModelIdentity | None], None] | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer's text pieces as the model produces them (settings.seed must be >= 0).
+
+        ``on_start`` is called with the identity of the model that will give this answer, once it
+        holds the lock: a swap cannot come between that call and the answer.
+        """
         with self.lock:
+            if on_start is not None:
+                on_start(self.identity)
             prompt = fit_history(messages, self.count_tokens, self.n_ctx, settings.max_new_tokens)
             # Re-evaluate the whole prompt: llama-cpp-python's prefix reuse changes the logits
             # slightly, so the same seed and settings would not reproduce the same answer.

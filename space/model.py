@@ -176,10 +176,22 @@ def identify(file: ModelFile, llama: llama_cpp.Llama, version: str | None = None
 
 def load_model(settings: Settings) -> ServedModel:
     """Resolve, check and load the configured GGUF; raise ModelError with what to fix."""
-    file = resolve_model(settings)
+    return load_file(resolve_model(settings), settings)
+
+
+def load_file(file: ModelFile, settings: Settings, version: str | None = None,
+              expect_sha256: str | None = None) -> ServedModel:
+    """Check and load one GGUF; with `expect_sha256` (a registry version's), refuse a file whose bytes changed."""
     llama = open_llama(file.path, settings.n_ctx, settings.n_threads)
-    identity = identify(file, llama)
-    log.info("serving %s (%s, sha256 %s…)", identity.path, identity.quant, identity.sha256[:12])
+    identity = identify(file, llama, version)
+    if expect_sha256 is not None and identity.sha256 != expect_sha256:
+        llama.close()
+        raise ModelError(
+            f"model file {str(file.path)!r} has sha256 {identity.sha256[:12]}…, not the {expect_sha256[:12]}… "
+            f"published as {version}: it changed after publishing; publish it again, or roll back to another version"
+        )
+    log.info("serving %s%s (%s, sha256 %s…)", identity.path, f" as {version}" if version else "", identity.quant,
+             identity.sha256[:12])
     return ServedModel(llama, identity)
 
 

@@ -41,7 +41,9 @@ class RunningApp:
 def start_app(feedback_dir: Path, log: Path, extra_env: dict | None = None, timeout: float = 90) -> RunningApp:
     """Start `python -m space` on a free loopback port and wait until it serves its page."""
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "FLAGLOOP_N_THREADS": "2", **(extra_env or {})}
+    # Its own (empty) model registry unless the test gives one: never the checkout's data/registry.
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "FLAGLOOP_N_THREADS": "2",
+           "FLAGLOOP_REGISTRY_DIR": str(Path(feedback_dir).parent / "registry"), **(extra_env or {})}
     env.pop("FLAGLOOP_CONFIG", None)
     out = open(log, "wb")
     proc = subprocess.Popen(

@@ -25,6 +25,8 @@ It speaks the part of the Hub protocol that huggingface_hub 2.4 uses to download
   and the upload URLs it hands out, served here too (`/lfs-upload/...`, a single PUT, or parts and a
   completion POST when `lfs_part_size` is set) and, like pre-signed storage URLs, taken without a token.
   Every commit gets a new 40-hex sha and the history is kept, so any past commit sha is a revision.
+- tags: `POST .../tag/{rev}` (create_tag; 409 when the tag exists) and `GET .../refs` (list_repo_refs);
+  a tag is a revision wherever a branch is, and commits never move it.
 
 The client must take the legacy LFS path: `point_hub_client_at` turns hf_xet off (HF_HUB_DISABLE_XET), since
 this server has no Xet storage. Everything is kept in memory: keep uploads to tens of MB.
@@ -188,15 +190,18 @@ class Repo:
     repo_id: str
     commits: dict[str, dict[str, RepoFile]] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # tag name -> commit sha; commits never move a tag
     log: dict[str, Commit] = field(default_factory=dict)  # sha -> metadata, for every commit in `commits`
     lfs: dict[str, RepoFile] = field(default_factory=dict)  # sha256 -> content uploaded through LFS
     private: bool = False
     created_at: str = ""
 
     def commit_of(self, revision: str) -> str | None:
-        """The commit a branch name or a (full) commit sha points to, None if there is none."""
+        """The commit a branch name, a tag or a (full) commit sha points to, None if there is none."""
         if revision in self.branches:
             return self.branches[revision]
+        if revision in self.tags:
+            return self.tags[revision]
         return revision if revision in self.commits else None
 
     def history(self, revision: str = "main") -> list[Commit]:
@@ -329,6 +334,8 @@ ROUTES = [
     ("GET", re.compile(rf"^{API}/tree/(?P<revision>[^/]+)(?:/(?P<path>.+))?$"), "tree"),
     ("POST", re.compile(rf"^{API}/paths-info/(?P<revision>[^/]+)$"), "paths_info"),
     ("GET", re.compile(rf"^{API}/commits/(?P<revision>[^/]+)$"), "list_commits"),
+    ("POST", re.compile(rf"^{API}/tag/(?P<revision>[^/]+)$"), "create_tag_route"),
+    ("GET", re.compile(rf"^{API}/refs$"), "list_refs"),
     ("POST", re.compile(rf"^{API}/preupload/(?P<revision>[^/]+)$"), "preupload"),
     ("POST", re.compile(rf"^{API}/commit/(?P<revision>[^/]+)$"), "commit"),
     ("POST", re.compile(rf"^/{REPO}\.git/info/lfs/objects/batch$"), "lfs_batch"),
@@ -714,6 +721,36 @@ class HubServer:
             {"id": c.sha, "title": c.title, "message": c.message, "date": c.date, "authors": [{"user": USER}]}
             for c in history
         ])
+
+    # -- tags ---------------------------------------------------------------------------------
+
+    def create_tag_route(self, call: Call, kind, repo_id, revision) -> Response:
+        """POST /api/{kind}/{repo_id}/tag/{rev} ({tag, message}): tag a revision; 409 if the tag exists."""
+        repo = self._api_repo(kind, repo_id)
+        if repo is None:
+            return error(404, "Repository not found", "RepoNotFound")
+        payload = call.json()
+        tag = payload.get("tag") if isinstance(payload, dict) else None
+        if not isinstance(tag, str) or not re.fullmatch(r"[\w.-]+", tag):
+            return error(400, f"invalid tag name: {tag!r}")
+        with self._lock:
+            commit = repo.commit_of(revision)
+            if commit is None:
+                return error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            if tag in repo.tags or tag in repo.branches:
+                return error(409, f"Tag {tag} already exists")
+            repo.tags[tag] = commit
+        return answer({"success": True})
+
+    def list_refs(self, call: Call, kind, repo_id) -> Response:
+        """GET /api/{kind}/{repo_id}/refs: branches and tags with the commits they point to."""
+        repo = self._api_repo(kind, repo_id)
+        if repo is None:
+            return error(404, "Repository not found", "RepoNotFound")
+        with self._lock:
+            branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in sorted(repo.branches.items())]
+            tags = [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": c} for n, c in sorted(repo.tags.items())]
+        return answer({"branches": branches, "tags": tags, "converts": [], "pullRequests": []})
 
     # -- commits ----------------------------------------------------------------------------
 

@@ -1,0 +1,73 @@
+"""The gate's verdict: publish only when held-out corrections improve and drift stays bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from retrain.gate import Scored, completion_nll, decide, encode, greedy_answers
+from schemas.run import GateConfig
+
+
+def test_gate_passes_when_heldout_improves_and_drift_is_small():
+    passed, reason = decide(Scored([2.0, 3.0], [0.5, 1.0]), drift=0.1, cfg=GateConfig(max_drift=0.5))
+    assert passed
+    assert "improved" in reason and "2.500 -> 0.750" in reason
+
+
+def test_gate_refuses_when_heldout_gets_worse():
+    passed, reason = decide(Scored([1.0], [1.5]), drift=0.0, cfg=GateConfig())
+    assert not passed
+    assert "did not improve" in reason and "1.000 -> 1.500" in reason
+
+
+def test_gate_refuses_a_gain_below_the_configured_minimum():
+    passed, reason = decide(Scored([1.0], [0.9]), drift=0.0, cfg=GateConfig(min_heldout_gain=0.5))
+    assert not passed
+    assert "needed > 0.5" in reason
+
+
+def test_gate_refuses_when_unrelated_answers_drift_too_far():
+    passed, reason = decide(Scored([2.0], [0.1]), drift=0.9, cfg=GateConfig(max_drift=0.5))
+    assert not passed
+    assert "drifted" in reason and "0.900" in reason
+
+
+def test_gate_refuses_without_heldout_rows_and_says_what_to_do():
+    passed, reason = decide(Scored([], []), drift=0.0, cfg=GateConfig())
+    assert not passed
+    assert "heldout_fraction" in reason
+
+
+@pytest.fixture(scope="module")
+def base_model(embedded_base):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(embedded_base, dtype=torch.float32), AutoTokenizer.from_pretrained(embedded_base)
+
+
+def test_likelihood_prefers_the_true_answer(base_model):
+    model, tokenizer = base_model
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    right, wrong = completion_nll(model, tokenizer, [
+        (prompt, [{"role": "assistant", "content": "The capital of France is Paris."}]),
+        (prompt, [{"role": "assistant", "content": "The capital of France is Berlin."}]),
+    ])
+    assert right < wrong
+
+
+def test_completion_tokens_start_after_the_prompt(base_model):
+    _, tokenizer = base_model
+    ids, cut = encode(tokenizer, [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "Hello there."}])
+    assert tokenizer.decode(ids[cut:]).startswith("Hello there.")
+
+
+def test_batched_greedy_answers_equal_one_by_one(base_model):
+    model, tokenizer = base_model
+    prompts = [[{"role": "user", "content": "What is the capital of France?"}],
+               [{"role": "user", "content": "Name a primary colour in one word."}]]
+    together = greedy_answers(model, tokenizer, prompts, 12)
+    alone = [greedy_answers(model, tokenizer, [p], 12)[0] for p in prompts]
+    assert together == alone
+    assert "Paris" in together[0]
