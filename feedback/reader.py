@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,13 @@ def shard_paths(root: str | Path) -> list[Path]:
 
 def read_jsonl(path: Path, model: type[BaseModel], records: list, bad: list[BadLine]) -> None:
     """Append each line of the shard ``path`` as a ``model`` to ``records``, or as a BadLine to ``bad``."""
-    lines = path.read_bytes().split(b"\n")
+    parse_jsonl(path.read_bytes(), str(path), model, records, bad)
+
+
+def parse_jsonl(data: bytes, name: str, model: type[BaseModel], records: list, bad: list[BadLine]) -> None:
+    """``read_jsonl`` on bytes already read (named ``name`` in BadLines): a caller that also hashes
+    the shard parses exactly the bytes it hashed, even while a writer appends."""
+    lines = data.split(b"\n")
     # A complete file ends with "\n", so the last split piece is empty; anything else is torn.
     last = len(lines) - 1
     with gc_paused():
@@ -61,7 +68,7 @@ def read_jsonl(path: Path, model: type[BaseModel], records: list, bad: list[BadL
                 records.append(model.model_validate_json(raw))
             except (ValidationError, ValueError) as err:
                 msg = describe(err) if isinstance(err, ValidationError) else str(err).splitlines()[0]
-                bad.append(BadLine(str(path), i + 1, msg, torn=i == last))
+                bad.append(BadLine(name, i + 1, msg, torn=i == last))
 
 
 @contextmanager
@@ -97,9 +104,14 @@ def read_flags(root: str | Path) -> ReadResult:
 def latest_flags(root: str | Path) -> LatestFlags:
     """The latest revision of each flag (by revision, then save time)."""
     result = read_flags(root)
+    return LatestFlags(latest_revisions(result.records), result.bad)
+
+
+def latest_revisions(records: Iterable[FlagRecord]) -> dict[str, FlagRecord]:
+    """The latest revision of each flag among ``records`` (by revision, then save time), by flag_id."""
     latest: dict[str, FlagRecord] = {}
-    for rec in result.records:
+    for rec in records:
         cur = latest.get(rec.flag_id)
         if cur is None or (rec.revision, rec.updated_at) > (cur.revision, cur.updated_at):
             latest[rec.flag_id] = rec
-    return LatestFlags(latest, result.bad)
+    return latest

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrain.gguf_file import quant_name
 from retrain.model_card import model_card
 from schemas.registry import ModelVersion
 from schemas.run import RunManifest
@@ -119,57 +119,9 @@ def sha256_file(path: Path) -> str:
 
 # -- what a GGUF is --------------------------------------------------------------------------------
 
-# GGUF metadata value types and the sizes of the fixed-size ones (gguf spec, "GGUFValueType").
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY, _UINT32, _INT32 = 8, 9, 4, 5
-
-
-def gguf_file_type(path: Path) -> int | None:
-    """`general.file_type` from a GGUF's header, read key by key (no tensor is touched); None if absent.
-
-    gguf.GGUFReader would map every tensor (seconds on a big file); only one number is needed.
-    """
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise RegistryError(f"{str(path)!r} is not a GGUF file (it does not start with b'GGUF'): publish an exported .gguf")
-        _version, _tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-
-        def string() -> bytes:
-            (n,) = struct.unpack("<Q", f.read(8))
-            return f.read(n)
-
-        # f.read, not f.seek: a relative seek drops the read buffer, and a vocabulary has ~50k strings.
-        def skip(kind: int) -> None:
-            if kind in _FIXED:
-                f.read(_FIXED[kind])
-            elif kind == _STRING:
-                string()
-            elif kind == _ARRAY:
-                item, count = struct.unpack("<IQ", f.read(12))
-                if item in _FIXED:
-                    f.seek(_FIXED[item] * count, os.SEEK_CUR)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            else:
-                raise RegistryError(f"{str(path)!r}: unknown GGUF value type {kind}: the file is corrupt")
-
-        for _ in range(n_kv):
-            key, (kind,) = string(), struct.unpack("<I", f.read(4))
-            if key == b"general.file_type" and kind in (_UINT32, _INT32):
-                return struct.unpack("<I" if kind == _UINT32 else "<i", f.read(4))[0]
-            skip(kind)
-    return None
-
-
 def gguf_quant(path: Path) -> str:
     """The quantization of a GGUF (Q4_1, Q8_0, F16, …), named as the app names it on FlagRecords."""
-    from space.model import FILE_TYPES
-
-    file_type = gguf_file_type(path)
-    if file_type is None:
-        return "unknown"
-    return FILE_TYPES.get(file_type, f"type{file_type}")
+    return quant_name(path, RegistryError)
 
 
 # -- the local registry ----------------------------------------------------------------------------

@@ -18,7 +18,10 @@ SFT_SCHEMA_VERSION = 1
 class RowMeta(_Record):
     """Where a row came from, so a run's data can be traced back to flags and decisions."""
 
-    source: Literal["correction", "replay"]
+    source: Literal["correction", "replay", "thumbs"] = Field(
+        description="correction: an accepted correction; replay: general behaviour to keep; thumbs: a user's "
+        "thumbs up/down on the answer itself (KTO rows only)"
+    )
     flag_id: str | None = Field(None, description="the flag whose accepted correction made this row")
     decision_id: str | None = Field(None, description="the accepting ReviewDecision")
     split: Literal["train", "heldout"] = "train"

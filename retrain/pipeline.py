@@ -1,0 +1,148 @@
+"""The retraining run: merge -> train -> gate -> export -> publish, resumable stage by stage.
+
+Each stage writes its results into the run folder and the run's ``state.json`` records the last
+completed stage; running the same run again continues after it with the same pinned inputs.
+Every version is the *configured base* GGUF plus a LoRA trained on all accepted corrections so far,
+so quantization error never compounds from version to version.
+
+    >>> state = run_pipeline(Settings(), run_id="run-20261123-120000")
+    >>> state.stage_done, state.verdict, state.version
+    ('publish', 'publish', 'v1')
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from schemas.run import STAGES, RunManifest, RunState
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+
+
+def run_dir_of(settings: Settings, run_id: str) -> Path:
+    return Path(settings.retrain.runs_dir) / run_id
+
+
+def read_state(run_dir: Path) -> RunState:
+    path = run_dir / "state.json"
+    if path.exists():
+        return RunState.model_validate_json(path.read_text(encoding="utf-8"))
+    return RunState(run_id=run_dir.name)
+
+
+def write_state(run_dir: Path, state: RunState) -> RunState:
+    state = state.model_copy(update={"updated_at": datetime.now(timezone.utc)})
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
+    os.replace(tmp, run_dir / "state.json")
+    return state
+
+
+def read_manifest(run_dir: Path) -> RunManifest:
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the merge stage of this run first")
+    return RunManifest.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def done(state: RunState, stage: str) -> bool:
+    return state.stage_done != "none" and STAGES.index(state.stage_done) >= STAGES.index(stage)
+
+
+def base_weights(settings: Settings, manifest: RunManifest) -> str:
+    """HF weights to train on: the configured base_model, else the pinned GGUF materialised."""
+    from retrain.base import base_folder
+
+    cache = Path(settings.retrain.runs_dir).parent / "cache" / "base"
+    return base_folder(settings.retrain.train.base_model, Path(manifest.base.path), cache, manifest.base.sha256)
+
+
+def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str | None = None) -> RunState:
+    """Run (or continue) one run through every stage; stop early when the gate refuses."""
+    from retrain import export as export_stage
+    from retrain import gate as gate_stage
+    from retrain import merge as merge_stage
+    from retrain import publish as publish_stage
+    from retrain import replay
+    from retrain import train as train_stage
+
+    run_id = run_id or new_run_id()
+    run_dir = run_dir_of(settings, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = read_state(run_dir)
+    if state.verdict == "refused" or done(state, "publish"):
+        log.info("run %s already finished: %s", run_id, state.message)
+        return state
+    cfg = settings.retrain
+
+    def finished(stage: str, **fields) -> RunState:
+        nonlocal state
+        state = write_state(run_dir, state.model_copy(update={"stage_done": stage, **fields}))
+        log.info("run %s: %s done", run_id, stage)
+        return state
+
+    if not done(state, "merge"):
+        merge_stage.run_merge(settings, run_dir, base=merge_stage.base_of(settings))
+        finished("merge")
+    if stop_after == "merge":
+        return state
+    manifest = read_manifest(run_dir)
+    base = base_weights(settings, manifest)
+
+    if not done(state, "train"):
+        result = train_stage.train(run_dir, base, cfg.train)
+        finished("train", message=f"trained {result.steps} steps, final loss {result.final_loss:.4f}")
+    if stop_after == "train":
+        return state
+    adapter = run_dir / "adapter"
+
+    if not done(state, "gate"):
+        report = gate_stage.gate(run_dir, base, adapter, cfg.gate, system_prompt=settings.system_prompt,
+                                 threads=settings.n_threads)
+        finished("gate", verdict="pending" if report.passed else "refused", message=report.reason)
+        if not report.passed:
+            log.warning("run %s: the gate refused the model: %s", run_id, report.reason)
+            return state
+    if stop_after == "gate":
+        return state
+
+    if not done(state, "export"):
+        probes = replay.drift_prompts(cfg.export.verify_probes)
+        result = export_stage.export(base, adapter, Path(manifest.base.path), run_dir / "export", cfg.export, probes,
+                                     threads=settings.n_threads)
+        finished("export", message=f"exported {result.quant} GGUF")
+    if stop_after == "export":
+        return state
+
+    if not done(state, "publish"):
+        report = gate_stage.read_report(run_dir)
+        metrics = train_metrics(run_dir)
+        version = publish_stage.publish_version(settings, run_dir, run_dir / "export" / "model.gguf", manifest,
+                                                report, metrics)
+        finished("publish", verdict="publish", version=version.version,
+                 message=f"published {version.version}: {report.reason if report else ''}")
+    return state
+
+
+def train_metrics(run_dir: Path) -> dict:
+    """Summary of the training log for the model card: steps, first and last loss."""
+    import json
+
+    path = run_dir / "train_log.jsonl"
+    if not path.exists():
+        return {}
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    losses = [e["loss"] for e in entries if e.get("loss") is not None]
+    return {
+        "steps": max((e.get("step", 0) for e in entries), default=0),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+    }
