@@ -1,4 +1,8 @@
-"""Run the app: `python -m space` (settings from FLAGLOOP_* variables or flagloop.toml)."""
+"""Run the app: `python -m space` (settings from FLAGLOOP_* variables or flagloop.toml).
+
+`python -m space deploy --repo owner/name` uploads it as a Hugging Face Space instead (space/deploy.py);
+the Space's app.py runs `serve` below, so both start the app the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,64 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported for real in `start`: `python -m space deploy` needs neither gradio nor llama.cpp
+    import gradio as gr
+
+    from feedback.store import FlagStore
+    from feedback.sync import HubSync
+    from schemas.settings import Settings
+    from space.registry_watch import RegistryWatch
+    from space.review import ReviewApp
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phone-home at start-up
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m space", description="Chat with a GGUF model and flag its answers.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["deploy"]:
+        from space.deploy import main as deploy_main
+
+        return deploy_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m space", description="Chat with a GGUF model and flag its answers.",
+        epilog="python -m space deploy --help: upload the app as a Hugging Face Space.",
+    )
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 7860)")
     parser.add_argument("--model-path", help="local GGUF file to serve")
     parser.add_argument("--feedback-dir", help="folder for the flag shards")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve({k: v for k, v in vars(args).items() if v is not None})
 
+
+class StartupError(Exception):
+    """The app cannot start; the message is one line (bad settings, a model that does not load, ...)."""
+
+
+@dataclass
+class Started:
+    """The app's running parts, built by `start`; `close` stops them (the last push to the Hub included)."""
+
+    settings: Settings
+    store: FlagStore
+    review: ReviewApp
+    sync: HubSync | None
+    watch: RegistryWatch
+    demo: gr.Blocks
+
+    def close(self) -> None:
+        self.watch.stop(timeout=10)
+        self.store.close()
+        self.review.close()
+        if self.sync is not None:
+            self.sync.shutdown()  # the last push (waits at most 30 s), then the timer stops
+
+
+def start(overrides: dict) -> Started:
+    """Build the app from Settings (overrides first): model, store, review page, Hub sync, registry watch."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
@@ -33,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     from space.registry_watch import RegistryWatch, initial_model, load_version
     from space.review import ReviewApp
 
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         settings = Settings(**overrides)
         registry = LocalRegistry(settings.registry_dir)
@@ -41,14 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         store = FlagStore(settings.feedback_dir, max_bytes=settings.shard_max_bytes)
         review = ReviewApp(settings)
     except ValidationError as err:
-        print(f"flagloop: invalid settings: {describe(err, prefix='FLAGLOOP_')}", file=sys.stderr)
-        return 2
+        raise StartupError(f"invalid settings: {describe(err, prefix='FLAGLOOP_')}") from err
     except SettingsError as err:  # a variable that should hold JSON does not
-        print(f"flagloop: invalid settings: {err}", file=sys.stderr)
-        return 2
+        raise StartupError(f"invalid settings: {err}") from err
     except (ModelError, OSError) as err:
-        print(f"flagloop: {err}", file=sys.stderr)
-        return 2
+        raise StartupError(str(err)) from err
     sync = start_sync(settings)  # None unless a dataset repo and a token are configured
     if sync is not None:
         review.sync_status = lambda: sync.status().line()  # reviewers see the last push, pending, last error
@@ -58,17 +103,32 @@ def main(argv: list[str] | None = None) -> int:
                           every=settings.registry_poll_seconds, seen=seen).start()
     demo = build_demo(app, review)
     demo.queue(default_concurrency_limit=None)
-    print(f"flagloop: flags are saved under {store.dir.resolve()}", flush=True)
+    return Started(settings, store, review, sync, watch, demo)
+
+
+def serve(overrides: dict, check: bool = False) -> int:
+    """Start the app and serve it until stopped; 2 (one line on stderr) if it cannot start.
+
+    `check`: build everything, then stop without serving (the Space's `python app.py --check`).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        started = start(overrides)
+    except StartupError as err:
+        print(f"flagloop: {err}", file=sys.stderr)
+        return 2
+    settings = started.settings
+    if check:
+        started.close()
+        print(f"flagloop: the app builds; it would serve on {settings.host}:{settings.port}", flush=True)
+        return 0
+    print(f"flagloop: flags are saved under {started.store.dir.resolve()}", flush=True)
     # A container stop (Spaces) sends SIGTERM: leave through `finally` for the last push.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+        started.demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
     finally:
-        watch.stop(timeout=10)
-        store.close()
-        review.close()
-        if sync is not None:
-            sync.shutdown()  # the last push (waits at most 30 s), then the timer stops
+        started.close()
     return 0
 
 

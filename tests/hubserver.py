@@ -27,6 +27,9 @@ It speaks the part of the Hub protocol that huggingface_hub 2.4 uses to download
   Every commit gets a new 40-hex sha and the history is kept, so any past commit sha is a revision.
 - tags: `POST .../tag/{rev}` (create_tag; 409 when the tag exists) and `GET .../refs` (list_repo_refs);
   a tag is a revision wherever a branch is, and commits never move it.
+- Spaces: a space repo is created only with an `sdk` (create_repo's space_sdk; 400 otherwise, as on the Hub),
+  which space_info reports; `POST /api/spaces/{id}/secrets` and `.../variables` (add_space_secret,
+  add_space_variable) and `GET .../variables` keep them in `Repo.secrets` / `Repo.variables`.
 
 The client must take the legacy LFS path: `point_hub_client_at` turns hf_xet off (HF_HUB_DISABLE_XET), since
 this server has no Xet storage. Everything is kept in memory: keep uploads to tens of MB.
@@ -195,6 +198,9 @@ class Repo:
     lfs: dict[str, RepoFile] = field(default_factory=dict)  # sha256 -> content uploaded through LFS
     private: bool = False
     created_at: str = ""
+    sdk: str | None = None  # a Space's SDK (gradio, docker, static, streamlit)
+    secrets: dict[str, str] = field(default_factory=dict)  # a Space's secrets: name -> value (never listed back)
+    variables: dict[str, str] = field(default_factory=dict)  # a Space's variables: name -> value
 
     def commit_of(self, revision: str) -> str | None:
         """The commit a branch name, a tag or a (full) commit sha points to, None if there is none."""
@@ -336,6 +342,8 @@ ROUTES = [
     ("GET", re.compile(rf"^{API}/commits/(?P<revision>[^/]+)$"), "list_commits"),
     ("POST", re.compile(rf"^{API}/tag/(?P<revision>[^/]+)$"), "create_tag_route"),
     ("GET", re.compile(rf"^{API}/refs$"), "list_refs"),
+    ("POST", re.compile(r"^/api/spaces/(?P<repo_id>[^/]+/[^/]+)/(?P<what>secrets|variables)$"), "space_setting"),
+    ("GET", re.compile(r"^/api/spaces/(?P<repo_id>[^/]+/[^/]+)/(?P<what>variables)$"), "space_setting"),
     ("POST", re.compile(rf"^{API}/preupload/(?P<revision>[^/]+)$"), "preupload"),
     ("POST", re.compile(rf"^{API}/commit/(?P<revision>[^/]+)$"), "commit"),
     ("POST", re.compile(rf"^/{REPO}\.git/info/lfs/objects/batch$"), "lfs_batch"),
@@ -345,6 +353,7 @@ ROUTES = [
 ]
 PRESIGNED = "/lfs-upload/"  # upload URLs carry no token, like the Hub's pre-signed storage URLs
 NOT_REPO_ROUTES = ("/api/repos/create", "/api/validate-yaml")
+SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
 
 
 class HubServer:
@@ -630,6 +639,9 @@ class HubServer:
             return error(400, f"invalid repo type: {repo_type}")
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
         private = payload.get("visibility") == "private" or payload.get("private") is True
+        sdk = payload.get("sdk")
+        if repo_type == "space" and sdk not in SPACE_SDKS:
+            return error(400, f"a Space needs an sdk, one of {', '.join(SPACE_SDKS)} (got {sdk!r})")
         with self._lock:
             if (repo_type, repo_id) in self.repos:
                 url = f"{self.url}/{URL_PREFIXES[repo_type]}{repo_id}"
@@ -637,6 +649,7 @@ class HubServer:
                               **{"X-Error-Message": f"You already created this {repo_type} repo"})
             self._create_repo(repo_id, repo_type, private)
             repo = self.repos[(repo_type, repo_id)]
+            repo.sdk = sdk if repo_type == "space" else None
         return answer({"url": self._repo_url(repo), "name": repo_id, "id": uuid.uuid4().hex[:24]})
 
     def validate_yaml(self, call: Call) -> Response:
@@ -665,7 +678,29 @@ class HubServer:
             }
         if kind == "models":
             info["modelId"] = repo.repo_id
+        if kind == "spaces":
+            info["sdk"] = repo.sdk
         return answer(info)
+
+    def space_setting(self, call: Call, repo_id, what) -> Response:
+        """POST /api/spaces/{id}/secrets|variables ({key, value}): set one; GET .../variables: list them."""
+        repo = self._api_repo("spaces", repo_id)
+        if repo is None:
+            return error(404, "Repository not found", "RepoNotFound")
+        store = repo.secrets if what == "secrets" else repo.variables
+        if call.method == "POST":
+            payload = call.json()
+            key = payload.get("key") if isinstance(payload, dict) else None
+            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                return error(400, f"invalid {what[:-1]} name: {key!r}")
+            if not isinstance(payload.get("value"), str):
+                return error(400, f"{what[:-1]} {key} needs a string value")
+            with self._lock:
+                store[key] = payload["value"]
+        if what == "secrets":
+            return answer({})  # secret values are write-only
+        with self._lock:
+            return answer({k: {"value": v, "updatedAt": repo.created_at} for k, v in store.items()})
 
     def tree(self, call: Call, kind, repo_id, revision, path=None) -> Response:
         """GET /api/{kind}/{repo_id}/tree/{rev}[/{path}]: a folder's entries (all below it with ?recursive), paged."""
