@@ -1,15 +1,20 @@
-"""Retraining commands: `python -m retrain run|merge|train|gate|export|publish|versions|rollback`.
+"""Retraining commands: `python -m retrain run|merge|train|gate|export|publish|versions|rollback|schedule|status`.
 
 A stage command runs one run up to and including that stage (earlier stages it has not done yet
 first); `run` runs them all. Without --run-id, `run` and `merge` start a new run; the other stages
-continue the latest run. Settings come from FLAGLOOP_* variables or flagloop.toml, as for the app.
+continue the latest run. `schedule` retrains on a schedule (retrain/schedule.py); `status` shows the
+schedule, the last runs, the version served and the corrections waiting. One run at a time per host:
+every command that runs stages holds the retraining lock (retrain/lock.py). Settings come from
+FLAGLOOP_* variables or flagloop.toml, as for the app.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
 
 STAGE_COMMANDS = ("merge", "train", "gate", "export", "publish")
@@ -28,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("versions", help="list the registry's versions and which one is current")
     back = sub.add_parser("rollback", help="make an older version current")
     back.add_argument("version", help="e.g. v2")
+    sched = sub.add_parser("schedule", help="retrain on a schedule: resume an interrupted run, else start one "
+                                            "when enough new accepted corrections wait")
+    sched.add_argument("--once", action="store_true", help="run one tick now and exit (tests, or a crontab line)")
+    status = sub.add_parser("status", help="the schedule, the last runs, the version served, the corrections waiting")
+    status.add_argument("--runs", type=int, default=10, metavar="N", help="how many of the last runs to show (default 10)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "versions":
         return show_versions(settings)
+    if args.command == "schedule":
+        return schedule_command(settings, args)
+    if args.command == "status":
+        return show_status(settings, args.runs)
     if args.command == "rollback":
         from retrain.publish import rollback
         from retrain.registry import RegistryError
@@ -78,6 +92,7 @@ def latest_run(settings) -> str | None:
 
 
 def run_command(settings, args) -> int:
+    from retrain.lock import LockHeld, lock_path, retrain_lock
     from retrain.merge import MergeError
     from retrain.pipeline import run_pipeline
     from space.model import ModelError
@@ -91,7 +106,11 @@ def run_command(settings, args) -> int:
             return 1
     stop_after = None if args.command == "run" else args.command
     try:
-        state = run_pipeline(settings, run_id=run_id, stop_after=stop_after)
+        with retrain_lock(lock_path(settings), f"python -m retrain {args.command}"):
+            state = run_pipeline(settings, run_id=run_id, stop_after=stop_after)
+    except LockHeld as err:
+        print(f"flagloop: {err}: try again when its run has finished", file=sys.stderr)
+        return 1
     except (MergeError, ModelError) as err:
         print(f"flagloop: {err}", file=sys.stderr)
         return 1
@@ -113,6 +132,81 @@ def show_versions(settings) -> int:
         mark = "*" if current and v.version == current.version else " "
         verdict = v.gate.reason if v.gate else ""
         print(f"{mark} {v.version}  {v.created_at:%Y-%m-%d %H:%M}  {v.quant}  {v.sha256[:12]}  {v.run_id or ''}  {verdict}")
+    return 0
+
+
+def global_args(args) -> list[str]:
+    """The global options given, as arguments for a child `python -m retrain` (paths made absolute)."""
+    out = []
+    for flag, value in (("--feedback-dir", args.feedback_dir), ("--registry-dir", args.registry_dir),
+                        ("--runs-dir", args.runs_dir)):
+        if value:
+            out += [flag, str(Path(value).resolve())]
+    return out + (["--verbose"] if args.verbose else [])
+
+
+def schedule_command(settings, args) -> int:
+    from retrain.schedule import ScheduleError, make_trigger, serve, tick
+
+    if args.once:
+        # SIGTERM (the scheduler stopping) unwinds the tick like Ctrl-C: the lock is let go, the run stays resumable.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        result = tick(settings)
+        print(result.message)
+        return result.exit_code
+    try:
+        make_trigger(settings.retrain.schedule)
+    except ScheduleError as err:
+        print(f"flagloop: {err}", file=sys.stderr)
+        return 2
+    serve(settings, global_args(args))
+    return 0
+
+
+def show_status(settings, runs: int) -> int:
+    from retrain.registry import RegistryError
+    from retrain.schedule import run_to_resume
+    from retrain.status import new_corrections, run_summaries, schedule_info, serving_version
+
+    info = schedule_info(settings)
+    print(f"schedule: {info.trigger}, a run when {info.min_new_corrections} new accepted corrections wait")
+    if not info.registered:
+        print(f"  no scheduler has registered its job in {info.jobstore} yet: start `python -m retrain schedule`")
+    else:
+        when = f"{info.next_run_time:%Y-%m-%d %H:%M %Z}" if info.next_run_time else "none (paused)"
+        if info.next_run_time and info.next_run_time.timestamp() < time.time() - 60:
+            when += " (overdue: is the scheduler running?)"
+        print(f"  job store {info.jobstore}: {info.registered_trigger}, next run {when}")
+    try:
+        version = serving_version(settings)
+    except RegistryError as err:
+        print(f"serving: the registry cannot be read: {err}")
+    else:
+        print(f"serving: {version.version} ({version.file}, {version.quant}, run {version.run_id or '-'}, "
+              f"published {version.created_at:%Y-%m-%d %H:%M})" if version
+              else f"serving: the configured model (nothing published in {settings.registry_dir})")
+    new = new_corrections(settings)
+    since = f"since {new.since_run} ({new.since_verdict})" if new.since_run else "no run finished yet"
+    print(f"waiting: {new.count} new accepted corrections, {since}; a run starts at {new.needed}")
+    unfinished = run_to_resume(settings)
+    if unfinished:
+        print(f"unfinished: {unfinished}: the next tick (or `python -m retrain run --run-id {unfinished}`) continues it")
+    rows = run_summaries(settings, runs)
+    if not rows:
+        print(f"runs: none in {settings.retrain.runs_dir}")
+        return 0
+    print(f"runs (newest first, in {settings.retrain.runs_dir}):")
+    print(f"  {'run':<20} {'stage':<7} {'verdict':<8} {'version':<7} {'steps':>5} {'loss':>7}  "
+          f"{'held-out LL before→after':<24} {'drift':>6}  message")
+    for r in rows:
+        loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+        heldout = (f"{r.heldout_before:.3f}→{r.heldout_after:.3f}" if r.heldout_before is not None else "-")
+        drift = f"{r.drift:.3f}" if r.drift is not None else "-"
+        message = r.message if len(r.message) <= 100 else r.message[:99] + "…"
+        if r.failed_ticks and not r.finished:
+            message += f" [failed ticks: {r.failed_ticks}, last: {r.last_error}]"
+        print(f"  {r.run_id:<20} {r.stage_done:<7} {r.verdict:<8} {r.version or '-':<7} "
+              f"{r.steps if r.steps is not None else '-':>5} {loss:>7}  {heldout:<24} {drift:>6}  {message}")
     return 0
 
 

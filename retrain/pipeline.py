@@ -62,7 +62,7 @@ def base_weights(settings: Settings, manifest: RunManifest) -> str:
     from retrain.base import base_folder
 
     cache = Path(settings.retrain.runs_dir).parent / "cache" / "base"
-    return base_folder(settings.retrain.train.base_model, Path(manifest.base.path), cache, manifest.base.sha256)
+    return base_folder(manifest.settings.train.base_model, Path(manifest.base.path), cache, manifest.base.sha256)
 
 
 def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str | None = None) -> RunState:
@@ -95,11 +95,15 @@ def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str 
     if stop_after == "merge":
         return state
     manifest = read_manifest(run_dir)
+    # The stages after merge use the settings the manifest pinned: a run continued after the
+    # configuration changed is still the run it started as (and resuming a checkpoint needs them).
+    cfg = manifest.settings
     base = base_weights(settings, manifest)
 
     if not done(state, "train"):
         result = train_stage.train(run_dir, base, cfg.train)
-        finished("train", message=f"trained {result.steps} steps, final loss {result.final_loss:.4f}")
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "not logged"
+        finished("train", message=f"trained {result.steps} steps, final loss {loss}")
     if stop_after == "train":
         return state
     adapter = run_dir / "adapter"

@@ -80,6 +80,21 @@ class ExportConfig(_Config):
     verify_max_new_tokens: int = Field(24, ge=1)
 
 
+class ScheduleConfig(_Config):
+    """schedule: when `python -m retrain schedule` ticks, and when a tick starts a run."""
+
+    trigger: Literal["cron", "interval"] = Field("cron", description="cron: at the times of `cron`; interval: every interval_minutes")
+    cron: str = Field("0 3 * * *", description="crontab expression (minute hour day month weekday) for trigger 'cron'")
+    interval_minutes: float = Field(60.0, gt=0, description="minutes between two ticks for trigger 'interval'")
+    timezone: str | None = Field(None, description="IANA time zone of the cron times, e.g. Europe/Paris; default: the machine's")
+    min_new_corrections: int = Field(
+        10, ge=1, description="accepted corrections the last finished run did not see that it takes to start a new run"
+    )
+    misfire_grace_seconds: int = Field(3600, ge=1, description="a tick missed (scheduler down) by less than this still runs")
+    max_attempts: int = Field(3, ge=1, description="ticks that may fail on one run before it is marked failed")
+    jobstore: str | None = Field(None, description="SQLite file of the job store; default: scheduler.sqlite beside runs_dir")
+
+
 class RetrainSettings(_Config):
     """Everything `python -m retrain` needs besides where the data and the registry live."""
 
@@ -88,6 +103,7 @@ class RetrainSettings(_Config):
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
     export: ExportConfig = ExportConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 class InputFile(_Record):
