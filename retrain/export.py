@@ -497,11 +497,32 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+# Types that keep a LoRA's delta when the base weights were dequantized from the serving file.
+KEEPS_DELTA = ("Q8_0", "F16", "BF16", "F32")
+
+
+def default_quant(serving_quant: str, base_from_serving: bool) -> str:
+    """The serving file's type, unless that would erase what was trained.
+
+    Weights dequantized from a Q4_1 file lie exactly on Q4_1's grid: quantizing base + LoRA to Q4_1
+    again rounds a small LoRA delta back onto the same grid points (measured on the embedded model:
+    the re-quantized file answered like the base on 5 of 5 held-out facts that the F32, Q8_0,
+    Q5_1 and Q4_K_M files all gave). So when the base was materialised from a quantized serving
+    file, the default is Q8_0; a float base (an HF model) keeps the serving file's type.
+    """
+    serving_quant = serving_quant.strip().upper()
+    if base_from_serving and serving_quant not in KEEPS_DELTA:
+        return "Q8_0"
+    return serving_quant
+
+
 def export(base: str | Path, adapter: Path | None, serving_gguf: Path, out_dir: Path, cfg: ExportConfig,
-           probes: list[str], *, threads: int | None = None, intermediate: str = "F32") -> ExportResult:
+           probes: list[str], *, threads: int | None = None, intermediate: str = "F32",
+           base_from_serving: bool = False) -> ExportResult:
     """Merge, write, quantize and verify: ``out_dir/model.gguf`` and ``export.json``. Idempotent.
 
-    The quantization is ``cfg.quant``, else the serving file's. The first ``cfg.verify_probes``
+    The quantization is ``cfg.quant``, else ``default_quant`` of the serving file's (its own type,
+    or Q8_0 when ``base_from_serving``: the base weights were dequantized from that very file). The first ``cfg.verify_probes``
     probes are answered greedily by the merged PyTorch model and by the float GGUF, which must
     agree on at least MIN_FLOAT_MATCH of them (else ExportError, and nothing is exported), and by
     the final file (recorded). ``threads``: CPU threads for torch and llama.cpp (None: their
@@ -511,7 +532,7 @@ def export(base: str | Path, adapter: Path | None, serving_gguf: Path, out_dir: 
     """
     out_dir, serving_gguf = Path(out_dir), Path(serving_gguf)
     check_arch(read_gguf(serving_gguf))  # a wrong file fails here, before the slow work
-    quant = (cfg.quant or quant_of(serving_gguf)).strip().upper()
+    quant = (cfg.quant or default_quant(quant_of(serving_gguf), base_from_serving)).strip().upper()
     ftype_of(quant)
     if intermediate not in FLOAT_TYPES:
         raise ExportError(f"intermediate must be one of {', '.join(FLOAT_TYPES)}, not {intermediate!r}")

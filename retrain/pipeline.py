@@ -121,7 +121,7 @@ def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str 
     if not done(state, "export"):
         probes = replay.drift_prompts(cfg.export.verify_probes)
         result = export_stage.export(base, adapter, Path(manifest.base.path), run_dir / "export", cfg.export, probes,
-                                     threads=settings.n_threads)
+                                     threads=settings.n_threads, base_from_serving=cfg.train.base_model is None)
         finished("export", message=f"exported {result.quant} GGUF")
     if stop_after == "export":
         return state

@@ -75,7 +75,11 @@ class GateConfig(_Config):
 class ExportConfig(_Config):
     """export: merged weights -> GGUF with the serving file's metadata -> quantized."""
 
-    quant: str | None = Field(None, description="llama.cpp file type, e.g. Q4_1, Q8_0; default: the serving file's")
+    quant: str | None = Field(
+        None,
+        description="llama.cpp file type, e.g. Q4_1, Q8_0; default: the serving file's, or Q8_0 when the base "
+        "weights were dequantized from a lower-bit serving file (re-quantizing to its grid erases the LoRA)",
+    )
     verify_probes: int = Field(4, ge=0, description="greedy probes compared between PyTorch and the GGUF")
     verify_max_new_tokens: int = Field(24, ge=1)
 

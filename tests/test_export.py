@@ -197,3 +197,16 @@ def test_an_architecture_other_than_llama_is_refused(tmp_path, embedded_base):
     writer.close()
     with pytest.raises(ExportError, match="architecture 'qwen2'; only llama is supported"):
         export(embedded_base, None, serving, tmp_path / "export", ExportConfig(quant="Q4_1"), PROBES)
+
+
+def test_default_quant_keeps_a_lora_that_requantizing_to_the_serving_grid_would_erase():
+    from retrain.export import default_quant
+
+    # Base weights dequantized from a Q4_1 file sit on Q4_1's grid: exporting to Q4_1 again snaps
+    # the trained delta back onto it (the loop test's facts vanished), so the default is Q8_0.
+    assert default_quant("Q4_1", base_from_serving=True) == "Q8_0"
+    assert default_quant("q4_k_m", base_from_serving=True) == "Q8_0"
+    assert default_quant("Q8_0", base_from_serving=True) == "Q8_0"
+    assert default_quant("F16", base_from_serving=True) == "F16"
+    # A float HF base has no grid to snap back to: the serving file's type is kept.
+    assert default_quant("Q4_1", base_from_serving=False) == "Q4_1"
