@@ -4,9 +4,21 @@ import json
 from pathlib import Path
 
 from schemas.flag import FlagRecord
+from schemas.registry import ModelVersion
 from schemas.review import ReviewDecision
+from schemas.run import RunManifest, RunState
+from schemas.sft import KTORow, PreferenceRow, SFTRow
 
-SCHEMA_FILES = {"flag_record.schema.json": FlagRecord, "review_decision.schema.json": ReviewDecision}
+SCHEMA_FILES = {
+    "flag_record.schema.json": FlagRecord,
+    "review_decision.schema.json": ReviewDecision,
+    "sft_row.schema.json": SFTRow,
+    "preference_row.schema.json": PreferenceRow,
+    "kto_row.schema.json": KTORow,
+    "run_manifest.schema.json": RunManifest,
+    "run_state.schema.json": RunState,
+    "model_version.schema.json": ModelVersion,
+}
 HERE = Path(__file__).parent
 
 
