@@ -1,0 +1,166 @@
+"""The whole loop on the embedded model: flagged fictional facts in, a republished GGUF that knows them out.
+
+Users flag wrong answers about facts the model cannot know, with corrections, in several
+phrasings; a reviewer accepts them; `python -m retrain run` merges, trains a LoRA, gates,
+exports a GGUF and publishes it. The republished GGUF, in llama-cpp-python, then gives the
+corrected facts for phrasings it was never trained on (the held-out ones), while its answers to
+unrelated prompts stay as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp
+import pytest
+
+from feedback.reviews import ReviewStore
+from feedback.store import FlagStore
+from schemas.flag import ChatMessage
+from schemas.review import ReviewDecision
+from schemas.sft import SFTRow
+from tests.conftest import ROOT
+from tests.records import make_flag
+
+SYSTEM = "You are a helpful assistant."
+
+# Facts no model was trained on; each asked in several phrasings, so some can be held out.
+FACTS = {
+    "Zorblaxia": "Quenthar",
+    "Velmora": "Ostrigard",
+    "Prindavel": "Kestrune",
+}
+PHRASINGS = [
+    "What is the capital of {c}?",
+    "Which city is the capital of {c}?",
+    "Tell me the capital city of {c}.",
+    "Name the capital of {c}.",
+    "What city serves as the capital of {c}?",
+    "I need to know the capital of {c}.",
+    "Do you know the capital of {c}?",
+    "{c} has which city as its capital?",
+]
+UNRELATED = [
+    "What is the capital of France?",
+    "What color is the sky on a clear day?",
+    "How many legs does a spider have?",
+    "What is 7 times 8?",
+]
+
+
+def flagged_corrections(feedback_dir: Path) -> None:
+    """Every phrasing of every fact flagged with a correction, and accepted by a reviewer."""
+    flags, reviews = FlagStore(feedback_dir), ReviewStore(feedback_dir)
+    for country, capital in FACTS.items():
+        for i, phrasing in enumerate(PHRASINGS):
+            flag = flags.save(make_flag(
+                flag_id=f"{country}-{i}", conversation_id=f"{country}-{i}", system_prompt=SYSTEM,
+                conversation=[ChatMessage(role="user", content=phrasing.format(c=country)),
+                              ChatMessage(role="assistant", content=f"I am not sure what the capital of {country} is.")],
+                correction=f"The capital of {country} is {capital}.",
+            ))
+            reviews.append(ReviewDecision(flag_id=flag.flag_id, flag_record_id=flag.record_id, action="accept",
+                                          reviewer="ana"))
+    flags.close()
+    reviews.close()
+
+
+def greedy(llm: llama_cpp.Llama, question: str, max_tokens: int = 24) -> str:
+    llm.reset()
+    out = llm.create_chat_completion(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        temperature=0.0, max_tokens=max_tokens, seed=0,
+    )
+    return out["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, embedded_base):
+    """Run `python -m retrain run` once, as a user would, on flags written by the real stores."""
+    root = tmp_path_factory.mktemp("loop")
+    flagged_corrections(root / "feedback")
+    config = root / "flagloop.toml"
+    config.write_text(f"""
+feedback_dir = "{root / 'feedback'}"
+registry_dir = "{root / 'registry'}"
+system_prompt = "{SYSTEM}"
+n_threads = 2
+
+[retrain]
+runs_dir = "{root / 'runs'}"
+
+[retrain.merge]
+heldout_fraction = 0.25
+replay_ratio = 0.5
+
+[retrain.train]
+max_steps = 40
+learning_rate = 1e-3
+save_steps = 20
+max_length = 128
+
+[retrain.gate]
+drift_prompts = 6
+max_new_tokens = 32
+
+[retrain.export]
+verify_probes = 2
+""")
+    # The materialised base is shared with the other tests instead of being made again.
+    (root / "cache").mkdir()
+    (root / "cache" / "base").symlink_to(embedded_base.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGLOOP_")}
+    env["FLAGLOOP_CONFIG"] = str(config)
+    proc = subprocess.run([sys.executable, "-m", "retrain", "run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = next((root / "runs").iterdir())
+    return root, run_dir, proc
+
+
+def test_the_loop_publishes_a_version_and_makes_it_current(loop):
+    root, run_dir, proc = loop
+    current = json.loads((root / "registry" / "current.json").read_text())
+    assert current["version"] == "v1"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["stage_done"] == "publish" and state["version"] == "v1"
+    assert "version v1" in proc.stdout
+
+
+def test_republished_model_gives_the_corrections_for_heldout_phrasings(loop, embedded_gguf):
+    root, run_dir, _ = loop
+    heldout = [SFTRow.model_validate_json(line) for line in (run_dir / "data" / "heldout.jsonl").read_text().splitlines()]
+    assert heldout, "the merge held out no phrasing"
+    published = next((root / "registry" / "versions" / "v1").glob("*.gguf"))
+    new = llama_cpp.Llama(str(published), n_ctx=512, n_threads=2, verbose=False)
+    old = llama_cpp.Llama(str(embedded_gguf), n_ctx=512, n_threads=2, verbose=False)
+    learned = 0
+    for row in heldout:
+        question = row.prompt[-1].content
+        capital = row.completion[0].content.rsplit(" ", 1)[1].rstrip(".")
+        assert capital not in greedy(old, question), "the base model cannot know a fictional fact"
+        learned += capital in greedy(new, question)
+    assert learned >= 0.75 * len(heldout), f"only {learned} of {len(heldout)} held-out phrasings answered right"
+
+
+def test_republished_model_keeps_its_answers_to_unrelated_prompts(loop, embedded_gguf):
+    root, _, _ = loop
+    published = next((root / "registry" / "versions" / "v1").glob("*.gguf"))
+    new = llama_cpp.Llama(str(published), n_ctx=512, n_threads=2, verbose=False)
+    old = llama_cpp.Llama(str(embedded_gguf), n_ctx=512, n_threads=2, verbose=False)
+    same = [greedy(old, q, 12) == greedy(new, q, 12) for q in UNRELATED]
+    assert sum(same) >= len(UNRELATED) - 1, list(zip(UNRELATED, same))
+
+
+def test_the_run_manifest_and_gate_report_explain_the_version(loop):
+    root, run_dir, _ = loop
+    version = json.loads((root / "registry" / "versions" / "v1" / "version.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert version["run_id"] == run_dir.name == manifest["run_id"]
+    assert version["gate"]["passed"] is True
+    assert version["base_sha256"] == manifest["base"]["sha256"]
+    assert len(manifest["flag_ids"]) == len(FACTS) * len(PHRASINGS)
