@@ -111,7 +111,11 @@ def test_a_new_version_takes_over_after_the_answer_in_flight_and_a_rollback_brin
 def test_a_version_that_does_not_load_is_skipped_and_the_app_keeps_serving(setup, tmp_path):
     app, registry, v1, _ = setup
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(embedded_model_path().read_bytes()[: 300 * 1024])  # a GGUF cut short
+    # A GGUF cut short inside its tensor data: the header reads (the registry takes it), llama.cpp cannot load it.
+    from retrain.gguf_file import read_gguf
+
+    header = read_gguf(embedded_model_path())
+    broken.write_bytes(embedded_model_path().read_bytes()[: header.data_offset + 1024 * 1024])
     bad = registry.publish(broken, base_sha256=v1.sha256, run_id="broken")
     wait_for_log(app, f"registry version {bad.version} cannot be served")
 
