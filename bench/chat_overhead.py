@@ -129,9 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="summarize only undisturbed pairs when there are at least this many (default 3)")
     p.add_argument("--no-update-cost", dest="update_cost", action="store_false",
                    help="skip the in-process timing of one streamed update")
-    p.add_argument("--client", choices=("browser", "gradio_client"), default="browser",
+    p.add_argument("--client", choices=("browser", "gradio_client"), default="gradio_client",
                    help="browser: one keep-alive HTTP session reading the event stream as the web page does "
-                        "(default); gradio_client: gradio_client.Client.submit, with its per-request costs")
+                        "(experimental: it slowed the app's streaming to 0.61x in its first quiet run, not yet explained); "
+                        "gradio_client (default): gradio_client.Client.submit, with its per-request costs")
     p.add_argument("--verbose", action="store_true", help="print every run as it finishes")
     return p.parse_args(argv)
 
