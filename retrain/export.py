@@ -37,6 +37,7 @@ from pathlib import Path
 from retrain.gguf_file import GGUFHeader, GGUFTensor
 from retrain.gguf_file import read_gguf as read_header
 from schemas.run import ExportConfig
+from space.model import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -432,12 +433,6 @@ class ExportResult:
         return cls(**data)
 
 
-def sha256_file(path: Path) -> str:
-    from space.model import sha256_of
-
-    return sha256_of(Path(path))
-
-
 def adapter_sha256(adapter: Path | None) -> str | None:
     """One hash over the adapter's config and weights: what decides the merged model."""
     if adapter is None:
@@ -445,7 +440,7 @@ def adapter_sha256(adapter: Path | None) -> str | None:
     h = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
         if (Path(adapter) / name).exists():
-            h.update(name.encode() + b"\0" + sha256_file(Path(adapter) / name).encode())
+            h.update(name.encode() + b"\0" + sha256_of(Path(adapter) / name).encode())
     return h.hexdigest()
 
 
@@ -469,7 +464,7 @@ def finished_export(out_dir: Path, inputs: dict) -> ExportResult | None:
         return None
     if result is None or result.inputs != inputs:
         return None
-    if final.stat().st_size != result.bytes or sha256_file(final) != result.sha256:
+    if final.stat().st_size != result.bytes or sha256_of(final) != result.sha256:
         log.warning("%s does not match its export.json: exporting again", final)
         return None
     result.path = str(final)
@@ -540,7 +535,7 @@ def export(base: str | Path, adapter: Path | None, serving_gguf: Path, out_dir: 
     inputs = {
         "base": str(base), "adapter": str(adapter) if adapter is not None else None,
         "adapter_sha256": adapter_sha256(adapter), "serving_gguf": str(serving_gguf),
-        "serving_sha256": sha256_file(serving_gguf), "quant": quant, "probes": prompts,
+        "serving_sha256": sha256_of(serving_gguf), "quant": quant, "probes": prompts,
         "max_new_tokens": cfg.verify_max_new_tokens,
     }
     previous = finished_export(out_dir, inputs)
@@ -580,7 +575,7 @@ def export(base: str | Path, adapter: Path | None, serving_gguf: Path, out_dir: 
                 timings["verify_s"] = time.perf_counter() - t0
             del model
 
-        result = ExportResult(str(final), sha256_file(final_tmp), final_tmp.stat().st_size, quant, inputs,
+        result = ExportResult(str(final), sha256_of(final_tmp), final_tmp.stat().st_size, quant, inputs,
                               {k: round(v, 3) for k, v in timings.items()}, checks)
         write_json_atomic(out_dir / REPORT_FILE, result.to_json())
         if float_path != final_tmp:

@@ -22,8 +22,9 @@ import logging
 import re
 from pathlib import Path
 
-from retrain.registry import HubRegistry, LocalRegistry, PublishError, RegistryError, sha256_file, write_durably
+from retrain.registry import HubRegistry, LocalRegistry, PublishError, RegistryError, write_durably
 from schemas.registry import GateReport, ModelVersion
+from space.model import sha256_of
 from schemas.run import RunManifest
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def _already_published(local: LocalRegistry, run_id: str, gguf: Path) -> ModelVe
     mine = [v for v in local.versions() if v.run_id == run_id]
     if not mine:
         return None
-    sha256 = sha256_file(gguf)
+    sha256 = sha256_of(gguf)
     same = [v for v in mine if v.sha256 == sha256]
     if not same:
         return None

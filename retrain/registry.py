@@ -109,14 +109,6 @@ def copy_and_hash(src: Path, dst: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(COPY_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- what a GGUF is --------------------------------------------------------------------------------
 
 def gguf_quant(path: Path) -> str:

@@ -19,10 +19,11 @@ from transformers import AutoModelForCausalLM
 
 import retrain.export as export_module
 from retrain.export import (
-    MODEL_FILE, REPORT_FILE, ExportError, export, gguf_answers, merge_adapter, quantize, sha256_file, verify,
+    MODEL_FILE, REPORT_FILE, ExportError, export, gguf_answers, merge_adapter, quantize, verify,
     write_gguf,
 )
 from schemas.run import ExportConfig
+from space.model import sha256_of
 
 THREADS = 1  # on a shared 2-core machine, one thread each for torch and llama.cpp is faster than two
 PROBES = [
@@ -136,7 +137,7 @@ def test_export_json_records_the_file_and_its_checks(zero_export):
     folder = Path(zero_export.path).parent
     report = json.loads((folder / REPORT_FILE).read_text())
     assert sorted(p.name for p in folder.iterdir()) == [REPORT_FILE, MODEL_FILE]  # no intermediate left
-    assert report["sha256"] == sha256_file(folder / MODEL_FILE) == zero_export.sha256
+    assert report["sha256"] == sha256_of(folder / MODEL_FILE) == zero_export.sha256
     assert report["bytes"] == (folder / MODEL_FILE).stat().st_size
     assert report["quant"] == "Q4_1"
     assert set(report["timings"]) == {"merge_s", "write_gguf_s", "quantize_s", "verify_s"}
