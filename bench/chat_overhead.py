@@ -4,10 +4,12 @@ In one run, on the same GGUF, prompts, threads and greedy settings, it measures 
 to first token (TTFT) of
 
   raw  ``llama_cpp.Llama(...).create_chat_completion(messages, stream=True)`` in this process;
-  app  the real app (``python -m space`` on a free loopback port), streamed end to end with
-       gradio_client through its ``/chat`` API: TTFT is the arrival of the first update whose
-       answer is not empty (arrival times are noted as gradio_client receives each update, rather
-       than by iterating the job, whose 1 ms polling would take CPU from the model).
+  app  the real app (``python -m space`` on a free loopback port), streamed end to end through
+       its ``/chat`` API the way its web page does (``--client browser``, the default: one
+       keep-alive HTTP session, ``queue/join`` then the session's ``queue/data`` event stream),
+       or with gradio_client (``--client gradio_client``, which adds its own per-request costs:
+       a new HTTP client and SSL context per request, a 50 ms idle poll). TTFT is the arrival of
+       the first update whose answer is not empty.
 
 Repetitions are interleaved (raw/app, then app/raw, ...) after one warm-up of each, so machine
 noise hits both alike; never both at once, as each uses every core it is given. Each repetition
@@ -19,7 +21,7 @@ final answer with the same llama tokenizer, and the two answers must be equal (g
 counts to compare.
 
 It also reports CPU seconds per answer: of the generating process (this one for raw, the app's
-for app), of the gradio_client (this process, app runs only: a browser would be on another
+for app), of the client (this process, app runs only: a browser would be on another
 machine) and of everything else on the machine. Other work steals cores from llama.cpp and
 slows it many times over, so each run first waits a little for the machine to be quiet, a run
 that other processes disturbed anyway (more than 0.2 cores on average) is marked ``!``, pairs
@@ -81,7 +83,7 @@ class Run:
     total: float  # seconds to the end of the stream
     updates: int  # streamed pieces (raw) or UI updates (app) received
     cpu: float  # CPU seconds of the generating process
-    client_cpu: float = 0.0  # CPU seconds of this process during an app run (the gradio client)
+    client_cpu: float = 0.0  # CPU seconds of this process during an app run (the client)
     others_cpu: float = 0.0  # CPU seconds of every other process on the machine during the run
     tokens: int = 0
     roundtrip: float = 0.0  # seconds of an API call that does not touch the model (/clear), app runs only
@@ -129,10 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="summarize only undisturbed pairs when there are at least this many (default 3)")
     p.add_argument("--no-update-cost", dest="update_cost", action="store_false",
                    help="skip the in-process timing of one streamed update")
-    p.add_argument("--client", choices=("browser", "gradio_client"), default="gradio_client",
-                   help="browser: one keep-alive HTTP session reading the event stream as the web page does "
-                        "(experimental: it slowed the app's streaming to 0.61x in its first quiet run, not yet explained); "
-                        "gradio_client (default): gradio_client.Client.submit, with its per-request costs")
+    p.add_argument("--client", choices=("browser", "gradio_client"), default="browser",
+                   help="browser (default): one keep-alive HTTP session reading the event stream as the web page does; "
+                        "gradio_client: gradio_client.Client.submit, with its own per-request costs (~100 ms a request)")
     p.add_argument("--verbose", action="store_true", help="print every run as it finishes")
     return p.parse_args(argv)
 
@@ -434,7 +435,7 @@ def print_summary(raw: list[Run], app: list[Run], label: str) -> float:
     print(f"{'TTFT ms':<32} {raw_ttft:>10.1f} {app_ttft:>10.1f} {app_ttft - raw_ttft:>+10.1f}ms")
     print(f"{'CPU ms/token, model process':<32} {raw_cpu:>10.2f} {app_cpu:>10.2f} {app_cpu - raw_cpu:>+10.2f}ms")
     app_client = median([r.client_cpu / max(r.tokens, 1) * 1000 for r in app])
-    print(f"{'CPU ms/token, gradio client':<32} {'-':>10} {app_client:>10.2f}")
+    print(f"{'CPU ms/token, client':<32} {'-':>10} {app_client:>10.2f}")
     print(f"{'API round trip ms (/clear)':<32} {'-':>10} {median([r.roundtrip for r in app]) * 1000:>10.1f}")
     raw_updates, app_updates = median([r.updates for r in raw]), median([r.updates for r in app])
     print(f"{'updates per answer':<32} {raw_updates:>10.0f} {app_updates:>10.0f}")

@@ -77,7 +77,7 @@ def start(overrides: dict) -> Started:
     from retrain.registry import LocalRegistry
     from schemas.errors import describe
     from schemas.settings import Settings
-    from space.app import App, build_demo
+    from space.app import App, build_demo, calm_queue
     from space.model import ModelError
     from space.registry_watch import RegistryWatch, initial_model, load_version
     from space.review import ReviewApp
@@ -103,6 +103,7 @@ def start(overrides: dict) -> Started:
                           every=settings.registry_poll_seconds, seen=seen).start()
     demo = build_demo(app, review)
     demo.queue(default_concurrency_limit=None)
+    calm_queue(demo)
     return Started(settings, store, review, sync, watch, demo)
 
 

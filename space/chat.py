@@ -8,10 +8,12 @@ between two answers, and each answer reports the identity of the model that gave
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from schemas.flag import ChatMessage, GenerationSettings, ModelIdentity, check_text
@@ -104,13 +106,21 @@ def fit_history(
 
 
 class Generator:
-    """Streams answers from one llama model, one generation at a time; the model can be swapped between answers."""
+    """Streams answers from one llama model, one generation at a time; the model can be swapped between answers.
+
+    Every call into llama.cpp runs on one dedicated thread (``model_thread``), whatever thread
+    asks for the answer. Gradio steps a streaming handler in whichever worker thread is free, and
+    each new thread that calls llama.cpp leaves another compute thread behind: measured with
+    the embedded model on 2 cores, one answer from a second thread took every later answer from
+    about 75 to 45-50 tokens/s (bench/chat_overhead.py, BENCHMARKS.md).
+    """
 
     def __init__(self, llama, n_ctx: int, identity: ModelIdentity | None = None):
         self.llama = llama
         self.identity = identity
         self.n_ctx = n_ctx
         self.lock = threading.Lock()
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
 
     def swap(self, llama, identity: ModelIdentity | None):
         """Serve `llama` from the next answer on; return the model it replaces.
@@ -132,11 +142,26 @@ class Generator:
         """Yield the answer's text pieces as the model produces them (settings.seed must be >= 0).
 
         ``on_start`` is called with the identity of the model that will give this answer, once it
-        holds the lock: a swap cannot come between that call and the answer.
+        holds the lock: a swap cannot come between that call and the answer. Closing the iterator
+        early (a client went away) stops the generation at its next token.
         """
         with self.lock:
             if on_start is not None:
                 on_start(self.identity)
+            pieces: queue.Queue = queue.Queue()
+            stop = threading.Event()
+            job = self.model_thread.submit(self._generate, messages, settings, pieces, stop)
+            try:
+                while (piece := pieces.get()) is not _DONE:
+                    yield piece
+            finally:
+                stop.set()
+                job.result()  # re-raises what the model thread raised; the lock is held until it is done
+
+    def _generate(self, messages: list[dict], settings: GenerationSettings, pieces: queue.Queue,
+                  stop: threading.Event) -> None:
+        """On the model thread: generate the answer into ``pieces``, then put _DONE (also on failure)."""
+        try:
             prompt = fit_history(messages, self.count_tokens, self.n_ctx, settings.max_new_tokens)
             # Re-evaluate the whole prompt: llama-cpp-python's prefix reuse changes the logits
             # slightly, so the same seed and settings would not reproduce the same answer.
@@ -151,8 +176,15 @@ class Generator:
             )
             try:
                 for chunk in chunks:
+                    if stop.is_set():
+                        break
                     piece = chunk["choices"][0]["delta"].get("content")
                     if piece:
-                        yield piece
+                        pieces.put(piece)
             finally:
                 chunks.close()
+        finally:
+            pieces.put(_DONE)
+
+
+_DONE = object()  # the end of an answer's pieces

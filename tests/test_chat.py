@@ -106,3 +106,52 @@ def test_generations_never_overlap(generator):
     finally:
         del generator.llama.create_chat_completion
     assert overlaps and not any(overlaps)
+
+
+def test_every_generation_runs_on_the_one_model_thread(generator):
+    """Gradio steps a stream in any free worker thread; llama.cpp must still be called from one thread,
+    or each new calling thread leaves a compute thread behind that slows every later answer."""
+    callers, real = [], generator.llama.create_chat_completion
+
+    def spy(*args, **kwargs):
+        callers.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    generator.llama.create_chat_completion = spy
+    try:
+        settings = GenerationSettings(temperature=0.0, max_new_tokens=4, seed=1)
+        answers = []
+        for _ in range(3):  # each from a new thread, as Gradio's worker threads would
+            t = threading.Thread(target=lambda: answers.append(
+                "".join(generator.stream([{"role": "user", "content": "Hi"}], settings))))
+            t.start()
+            t.join()
+    finally:
+        del generator.llama.create_chat_completion
+    assert len(callers) == 3 and len(set(callers)) == 1
+    assert callers[0] not in {threading.get_ident()}
+    assert len(set(answers)) == 1 and answers[0]
+
+
+def test_closing_a_stream_early_stops_the_generation_and_frees_the_model(generator):
+    settings = GenerationSettings(temperature=0.0, max_new_tokens=64, seed=1)
+    stream = generator.stream([{"role": "user", "content": "Count from one to fifty."}], settings)
+    next(stream)
+    stream.close()  # a client went away mid-answer
+    assert generator.lock.acquire(timeout=5)  # the lock is free again: the model thread stopped
+    generator.lock.release()
+    assert "".join(generator.stream([{"role": "user", "content": "Hi"}],
+                                    GenerationSettings(temperature=0.0, max_new_tokens=4, seed=1)))
+
+
+def test_the_apps_queue_polls_at_the_calmer_rate():
+    """The pinned Gradio still has the attribute calm_queue sets: an upgrade that renames it fails here."""
+    import gradio as gr
+
+    from space.app import QUEUE_POLL_SECONDS, calm_queue
+
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    demo.queue()
+    calm_queue(demo)
+    assert demo._queue.sleep_when_free == QUEUE_POLL_SECONDS > 0.001
