@@ -6,7 +6,13 @@ import pytest
 
 from schemas.flag import GenerationSettings
 from schemas.settings import Settings
-from space.chat import ChatInputError, Generator, check_message, fit_history, resolve_seed
+from space.chat import (
+    ChatInputError,
+    Generator,
+    check_message,
+    fit_history,
+    resolve_seed,
+)
 from space.model import load_model
 
 
