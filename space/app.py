@@ -17,21 +17,8 @@ from feedback.store import FlagStore
 from schemas.errors import describe
 from schemas.flag import REASONS, ChatMessage, GenerationSettings
 from schemas.settings import Settings
-from space.chat import (
-    AnswerContext,
-    ChatInputError,
-    Conversation,
-    Generator,
-    check_message,
-    resolve_seed,
-)
-from space.flagging import (
-    FlagInputError,
-    answer_label,
-    build_flag,
-    existing_flag,
-    save_message,
-)
+from space.chat import AnswerContext, ChatInputError, Conversation, Generator, check_message, resolve_seed
+from space.flagging import FlagInputError, answer_label, build_flag, existing_flag, save_message
 from space.model import ServedModel
 from space.review import ReviewApp, mount_review
 
