@@ -17,10 +17,15 @@ page, not callable by gradio_client). The app's chat users keep using the app wi
         ...
     mount_review(demo, ReviewApp(settings))   # adds /review
 
+Two tabs: **Flags** (the table, one flag, accept/reject/correct, plots) and **Retraining** (what the
+accepted corrections did: the version served, the schedule and the corrections waiting, the runs,
+and one run's loss curve and gate report; data from ``space.runs_view``).
+
 Handlers are plain methods returning the whole screen as a list in ``SCREEN`` order, so tests
 call them without a browser. Everything users typed is shown as text: in text boxes, in a
 Chatbot with escaped content and no markdown, in the table's plain-text cells, and escaped in
-the one Markdown line of details.
+the one Markdown line of details; the Retraining tab's file text (gate.json holds corrections)
+the same way, in plain-text table cells and escaped Markdown.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from schemas.errors import describe
 from schemas.flag import REASONS, FlagRecord
 from schemas.review import ReviewDecision
 from schemas.settings import Settings
+from space.runs_view import DRIFT_COLUMNS, HELDOUT_COLUMNS, RUN_COLUMNS, RetrainingView, empty_frame, retraining_view
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ SCREEN = (
     "current", "conversation", "system_prompt", "meta", "comment", "answer", "correction", "note",
     "status", "sync",
 )
+# What the Retraining tab's handlers return, in this order (its components, built by build_retraining_tab).
+RETRAINING = ("rt_status", "rt_runs", "rt_run", "rt_loss", "rt_loss_note", "rt_gate", "rt_heldout", "rt_drift")
 
 
 # --- who may review -----------------------------------------------------------------------------
@@ -398,6 +406,51 @@ class ReviewApp:
         return self._decide("reject", state, current, correction, note, (reasons, statuses, models, thumbs, start, end),
                             profile)
 
+    # the Retraining tab ------------------------------------------------------------------------
+    def retraining(self, state, run_id, profile: gr.OAuthProfile | None = None) -> list:
+        """The Retraining tab: the serving version, the schedule, the runs, and one run's loss and gate report."""
+        self._require(state, profile)
+        return self._retraining(retraining_view(self.settings, run_id))
+
+    def retraining_select(self, state, evt: gr.SelectData, profile: gr.OAuthProfile | None = None) -> list:
+        """A click on a row of the runs table shows that run."""
+        row = evt.row_value or []
+        return self.retraining(state, row[0] if row else None, profile)
+
+    def retraining_shown(self, state, profile: gr.OAuthProfile | None = None) -> list:
+        """After a login or a logout: the tab with the newest run for a reviewer, else empty."""
+        if current_reviewer(state, profile, self.settings) is None:
+            return self._retraining(None)
+        return self._retraining(retraining_view(self.settings))
+
+    @staticmethod
+    def _retraining(view: RetrainingView | None) -> list:
+        """The tab's components from a view (None: logged out, everything empty); file text escaped."""
+        if view is None:
+            parts = {"rt_status": "", "rt_runs": empty_frame(RUN_COLUMNS), "rt_run": gr.update(choices=[], value=None),
+                     "rt_loss": None, "rt_loss_note": "", "rt_gate": "", "rt_heldout": empty_frame(HELDOUT_COLUMNS),
+                     "rt_drift": empty_frame(DRIFT_COLUMNS)}
+            return [parts[name] for name in RETRAINING]
+        gate = view.gate
+        run = md_text(view.selected or "")
+        parts = {
+            "rt_status": "\n\n".join([
+                f"**Serving:** {md_text(view.serving)}",
+                f"**Schedule:** {md_text(view.schedule)}",
+                f"**Waiting:** {md_text(view.waiting)}",
+                f"**Runs** in {md_text(view.runs_dir)}: {len(view.run_ids):,} shown, newest first",
+            ]),
+            "rt_runs": view.runs,
+            "rt_run": gr.update(choices=view.run_ids, value=view.selected),
+            "rt_loss": view.loss,
+            "rt_loss_note": f"**Training loss** {run} · {md_text(view.loss_note)}",
+            "rt_gate": "\n\n".join([f"**Gate: {md_text(gate.verdict)}** {run} — {md_text(gate.reason)}",
+                                     *(md_text(text) for text in (gate.figures, gate.measure) if text)]),
+            "rt_heldout": gate.heldout,
+            "rt_drift": gate.drift,
+        }
+        return [parts[name] for name in RETRAINING]
+
     def _decide(self, how: str, state, current, correction, note, filter_values, profile) -> list:
         reviewer = self._require(state, profile)
         filters = self._filters(*filter_values)
@@ -505,49 +558,58 @@ def build_review_tab(app: ReviewApp, page: gr.Blocks | None = None) -> dict:
             sync = gr.Markdown(elem_id="review-sync")
             refresh_btn = gr.Button("Refresh", size="sm", scale=0, elem_id="review-refresh")
             logout_btn = gr.Button("Log out", size="sm", scale=0, elem_id="review-logout")
-        with gr.Row():
-            f_reasons = gr.Dropdown([*REASONS, NO_REASON], value=[], multiselect=True, label="Reason (any of)",
-                                    elem_id="review-filter-reasons")
-            f_status = gr.CheckboxGroup(list(STATUSES), value=["pending"], label="Status",
-                                        elem_id="review-filter-status")
-            f_models = gr.Dropdown([], value=[], multiselect=True, label="Model version",
-                                   elem_id="review-filter-models")
-            f_thumbs = gr.CheckboxGroup(list(THUMBS), value=[], label="Thumbs", elem_id="review-filter-thumbs")
-            f_start = gr.Textbox(label="From (UTC day)", placeholder="YYYY-MM-DD", elem_id="review-filter-start")
-            f_end = gr.Textbox(label="To (UTC day)", placeholder="YYYY-MM-DD", elem_id="review-filter-end")
-        summary = gr.Markdown(elem_id="review-summary")
-        table = gr.Dataframe(
-            headers=list(TABLE_COLUMNS.values()), datatype="str", interactive=False, wrap=False,
-            max_height=360, elem_id="review-table", label="Flags (click a row to open it)",
-        )
-        status = gr.Markdown(elem_id="review-status")
-        gr.Markdown(KEYS_HELP)
-        meta = gr.Markdown(elem_id="review-meta")
-        with gr.Row():
-            with gr.Column(scale=1):
-                conversation = gr.Chatbot(label="Conversation", height=360, render_markdown=False,
-                                          elem_id="review-conversation", feedback_options=None, buttons=["copy"])
-                system_prompt = gr.Textbox(label="System prompt", interactive=False, lines=1, max_lines=4,
-                                           elem_id="review-system-prompt")
-                comment = gr.Textbox(label="User's comment", interactive=False, lines=2, elem_id="review-comment")
-            with gr.Column(scale=1):
-                answer = gr.Textbox(label="Original answer", interactive=False, lines=6, elem_id="review-answer")
-                correction = gr.Textbox(label="Correction (edit it, then 'Accept edited')", lines=6,
-                                        elem_id="review-correction")
-                note = gr.Textbox(label="Reviewer's note (optional)", lines=1, elem_id="review-note")
+        with gr.Tabs(elem_id="review-tabs"):
+            with gr.Tab("Flags", id="flags", elem_id="review-tab-flags"):
                 with gr.Row():
-                    accept_btn = gr.Button("Accept (a)", variant="primary", elem_id="review-accept")
-                    edit_btn = gr.Button("Accept edited (Ctrl+Enter)", elem_id="review-accept-edited")
-                    reject_btn = gr.Button("Reject (r)", variant="stop", elem_id="review-reject")
-                    next_btn = gr.Button("Next pending (n)", elem_id="review-next")
-        with gr.Accordion("At a glance: all flags", open=True):
-            with gr.Row():
-                per_day = gr.BarPlot(x="day", y="flags", color="reason", title="Flags per day by reason",
-                                     elem_id="review-plot-day", height=260)
-                share = gr.BarPlot(x="status", y="flags", color="status", title="Status", color_map=STATUS_COLORS,
-                                   elem_id="review-plot-share", height=260)
-                per_model = gr.BarPlot(x="model", y="flags", color="status", title="Flags per model version",
-                                       color_map=STATUS_COLORS, elem_id="review-plot-model", height=260)
+                    f_reasons = gr.Dropdown([*REASONS, NO_REASON], value=[], multiselect=True,
+                                            label="Reason (any of)", elem_id="review-filter-reasons")
+                    f_status = gr.CheckboxGroup(list(STATUSES), value=["pending"], label="Status",
+                                                elem_id="review-filter-status")
+                    f_models = gr.Dropdown([], value=[], multiselect=True, label="Model version",
+                                           elem_id="review-filter-models")
+                    f_thumbs = gr.CheckboxGroup(list(THUMBS), value=[], label="Thumbs",
+                                                elem_id="review-filter-thumbs")
+                    f_start = gr.Textbox(label="From (UTC day)", placeholder="YYYY-MM-DD",
+                                         elem_id="review-filter-start")
+                    f_end = gr.Textbox(label="To (UTC day)", placeholder="YYYY-MM-DD", elem_id="review-filter-end")
+                summary = gr.Markdown(elem_id="review-summary")
+                table = gr.Dataframe(
+                    headers=list(TABLE_COLUMNS.values()), datatype="str", interactive=False, wrap=False,
+                    max_height=360, elem_id="review-table", label="Flags (click a row to open it)",
+                )
+                status = gr.Markdown(elem_id="review-status")
+                gr.Markdown(KEYS_HELP)
+                meta = gr.Markdown(elem_id="review-meta")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        conversation = gr.Chatbot(label="Conversation", height=360, render_markdown=False,
+                                                  elem_id="review-conversation", feedback_options=None,
+                                                  buttons=["copy"])
+                        system_prompt = gr.Textbox(label="System prompt", interactive=False, lines=1, max_lines=4,
+                                                   elem_id="review-system-prompt")
+                        comment = gr.Textbox(label="User's comment", interactive=False, lines=2,
+                                             elem_id="review-comment")
+                    with gr.Column(scale=1):
+                        answer = gr.Textbox(label="Original answer", interactive=False, lines=6,
+                                            elem_id="review-answer")
+                        correction = gr.Textbox(label="Correction (edit it, then 'Accept edited')", lines=6,
+                                                elem_id="review-correction")
+                        note = gr.Textbox(label="Reviewer's note (optional)", lines=1, elem_id="review-note")
+                        with gr.Row():
+                            accept_btn = gr.Button("Accept (a)", variant="primary", elem_id="review-accept")
+                            edit_btn = gr.Button("Accept edited (Ctrl+Enter)", elem_id="review-accept-edited")
+                            reject_btn = gr.Button("Reject (r)", variant="stop", elem_id="review-reject")
+                            next_btn = gr.Button("Next pending (n)", elem_id="review-next")
+                with gr.Accordion("At a glance: all flags", open=True):
+                    with gr.Row():
+                        per_day = gr.BarPlot(x="day", y="flags", color="reason", title="Flags per day by reason",
+                                             elem_id="review-plot-day", height=260)
+                        share = gr.BarPlot(x="status", y="flags", color="status", title="Status",
+                                           color_map=STATUS_COLORS, elem_id="review-plot-share", height=260)
+                        per_model = gr.BarPlot(x="model", y="flags", color="status", title="Flags per model version",
+                                               color_map=STATUS_COLORS, elem_id="review-plot-model", height=260)
+            with gr.Tab("Retraining", id="retraining", elem_id="review-tab-retraining") as retraining_tab:
+                rt = build_retraining_tab()
 
     parts = {
         "reviewer": reviewer, "login_box": login_box, "review_box": review_box, "whoami": whoami,
@@ -557,13 +619,16 @@ def build_review_tab(app: ReviewApp, page: gr.Blocks | None = None) -> dict:
         "correction": correction, "note": note, "status": status, "sync": sync,
     }
     screen = [parts[name] for name in SCREEN]
+    rt_screen = [rt[name] for name in RETRAINING]
     filters = [f_reasons, f_status, f_models, f_thumbs, f_start, f_end]
     private = dict(api_visibility="private", concurrency_limit=None)
     if login_btn is not None:
         for trigger in (login_btn.click, password.submit):
             trigger(app.login, [username, password, *filters], screen, **private).then(
-                lambda: "", None, password, api_visibility="private")  # never keep the password in the page
-    logout_btn.click(app.logout, [reviewer], screen, **private)
+                lambda: "", None, password, api_visibility="private",  # never keep the password in the page
+            ).then(app.retraining_shown, [reviewer], rt_screen, **private)
+    logout_btn.click(app.logout, [reviewer], screen, **private).then(
+        app.retraining_shown, [reviewer], rt_screen, **private)
     refresh_btn.click(app.refresh, [reviewer, current, *filters], screen, **private)
     for f in (f_reasons, f_status, f_models, f_thumbs):
         f.input(app.refresh, [reviewer, current, *filters], screen, **private)
@@ -576,11 +641,47 @@ def build_review_tab(app: ReviewApp, page: gr.Blocks | None = None) -> dict:
     edit_btn.click(app.accept_edited, decide, screen, **private)
     reject_btn.click(app.reject, decide, screen, **private)
     next_btn.click(app.skip, [reviewer, current, *filters], screen, **private)
+    for trigger in (retraining_tab.select, rt["refresh"].click, rt["rt_run"].input):  # opening the tab reads afresh
+        trigger(app.retraining, [reviewer, rt["rt_run"]], rt_screen, **private)
+    rt["rt_runs"].select(app.retraining_select, [reviewer], rt_screen, **private)
     if page is not None:
         page.load(fn=None, inputs=None, outputs=None, js=KEYS_JS, api_visibility="private")
         if app.oauth:
-            page.load(app.oauth_login, [reviewer, *filters], screen, **private)
-    return {**parts, "username": username, "password": password, "filters": filters}
+            page.load(app.oauth_login, [reviewer, *filters], screen, **private).then(
+                app.retraining_shown, [reviewer], rt_screen, **private)
+    return {**parts, **rt, "username": username, "password": password, "filters": filters}
+
+
+def build_retraining_tab() -> dict:
+    """The Retraining tab's components (RETRAINING's names, and its refresh button); build_review_tab wires them."""
+    status = gr.Markdown(elem_id="review-rt-status")
+    with gr.Row():
+        run = gr.Dropdown([], value=None, label="Run shown below (or click a row of the table)",
+                          elem_id="review-rt-run", scale=4)
+        refresh = gr.Button("Refresh runs", size="sm", scale=0, elem_id="review-rt-refresh")
+    runs = gr.Dataframe(
+        headers=list(RUN_COLUMNS), datatype="str", interactive=False, wrap=False, max_height=300,
+        elem_id="review-rt-runs", label="Runs, newest first (held-out: log-likelihood per token, higher is better; "
+        "drift: rise of NLL per token of the old answers)",
+    )
+    with gr.Row():
+        with gr.Column(scale=1):
+            loss = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="review-rt-loss", height=280)
+            loss_note = gr.Markdown(elem_id="review-rt-loss-note")
+        with gr.Column(scale=1):
+            gate = gr.Markdown(elem_id="review-rt-gate")
+    heldout = gr.Dataframe(
+        headers=list(HELDOUT_COLUMNS), datatype="str", interactive=False, wrap=True, max_height=360,
+        elem_id="review-rt-heldout",
+        label="Held-out corrections, before vs after training (NLL per token: lower is better)",
+    )
+    drift = gr.Dataframe(
+        headers=list(DRIFT_COLUMNS), datatype="str", interactive=False, wrap=True, max_height=360,
+        elem_id="review-rt-drift",
+        label="Drift prompts: the base model's own answers, before vs after (a rise: forgotten)",
+    )
+    return {"rt_status": status, "rt_runs": runs, "rt_run": run, "rt_loss": loss, "rt_loss_note": loss_note,
+            "rt_gate": gate, "rt_heldout": heldout, "rt_drift": drift, "refresh": refresh}
 
 
 def mount_review(demo: gr.Blocks, app: ReviewApp, path: str = "review", show_in_navbar: bool = False) -> dict:
