@@ -60,12 +60,15 @@ def parse_jsonl(data: bytes, name: str, model: type[BaseModel], records: list, b
     lines = data.split(b"\n")
     # A complete file ends with "\n", so the last split piece is empty; anything else is torn.
     last = len(lines) - 1
+    # The validator itself, not model_validate_json: its Python wrapper costs 1.3 us a call, a
+    # tenth of validating a review decision, paid for every line of every shard.
+    validate = model.__pydantic_validator__.validate_json
     with gc_paused():
         for i, raw in enumerate(lines):
             if not raw or raw.isspace():
                 continue
             try:
-                records.append(model.model_validate_json(raw))
+                records.append(validate(raw))
             except (ValidationError, ValueError) as err:
                 msg = describe(err) if isinstance(err, ValidationError) else str(err).splitlines()[0]
                 bad.append(BadLine(name, i + 1, msg, torn=i == last))

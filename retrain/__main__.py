@@ -95,6 +95,7 @@ def run_command(settings, args) -> int:
     from retrain.lock import LockHeld, lock_path, retrain_lock
     from retrain.merge import MergeError
     from retrain.pipeline import run_pipeline
+    from retrain.registry import RegistryError
     from space.model import ModelError
 
     run_id = args.run_id
@@ -111,7 +112,7 @@ def run_command(settings, args) -> int:
     except LockHeld as err:
         print(f"flagloop: {err}: try again when its run has finished", file=sys.stderr)
         return 1
-    except (MergeError, ModelError) as err:
+    except (MergeError, ModelError, RegistryError) as err:  # RegistryError: says where the version is, if anywhere
         print(f"flagloop: {err}", file=sys.stderr)
         return 1
     print(f"{state.run_id}: {state.stage_done} done, verdict {state.verdict}"

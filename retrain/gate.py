@@ -8,7 +8,11 @@ the adapter switched off for "before"):
   The greedy answers before and after are in the report, for people.
 - **drift**: the base model's own greedy answers to general prompts unrelated to the corrections
   (and not used for replay); how much less likely the trained model finds them (mean NLL per token,
-  after - before). A large rise means the model forgot how it used to answer.
+  after - before). A large rise means the model forgot how it used to answer. Besides the same
+  general prompts every run, the drift prompts nearest to the trained prompts (retrain/replay.py
+  ``nearest``) are measured too, and each prompt on its own is bounded: a mean over many prompts
+  can hide the one answer that flipped ("What is the capital of France?" answered with a
+  corrected fictional capital).
 
     >>> report = gate(run_dir, base="…/base", adapter=run_dir / "adapter", cfg=GateConfig())
     >>> report.passed, report.reason
@@ -120,8 +124,12 @@ def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     return answers
 
 
-def decide(heldout: Scored, drift: float, cfg: GateConfig) -> tuple[bool, str]:
-    """The verdict and its reason, from the measures alone (pure, so it is easy to test)."""
+def decide(heldout: Scored, drift: float, cfg: GateConfig, worst: tuple[str, float] | None = None) -> tuple[bool, str]:
+    """The verdict and its reason, from the measures alone (pure, so it is easy to test).
+
+    ``drift``: mean rise of NLL/token of the old answers over all drift prompts; ``worst``: the drift
+    prompt whose old answer lost most, with that rise.
+    """
     if not heldout.nll_before:
         return False, (
             "no held-out corrections to judge the model on: accept more corrections, "
@@ -138,9 +146,16 @@ def decide(heldout: Scored, drift: float, cfg: GateConfig) -> tuple[bool, str]:
             f"answers to unrelated prompts drifted too far: NLL/token of the old answers rose by {drift:.3f} "
             f"(bound {cfg.max_drift}); train fewer steps, lower the learning rate, or add replay rows"
         )
+    if worst is not None and worst[1] > cfg.max_prompt_drift:
+        return False, (
+            f"the old answer to {worst[0]!r} drifted too far: its NLL/token rose by {worst[1]:.3f} (bound "
+            f"{cfg.max_prompt_drift} per prompt), so the model now answers it differently; the corrections "
+            "spilled over to prompts like it: train fewer steps, lower the learning rate, or add replay rows"
+        )
+    worst_text = f", at most {worst[1]:.3f} on one prompt" if worst is not None else ""
     return True, (
         f"held-out corrections improved (NLL/token {heldout.mean_before:.3f} -> {heldout.mean_after:.3f}) "
-        f"and drift {drift:.3f} is within {cfg.max_drift}"
+        f"and drift {drift:.3f} is within {cfg.max_drift}{worst_text}"
     )
 
 
@@ -157,7 +172,7 @@ def gate(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from retrain.replay import drift_prompts
+    from retrain.replay import drift_prompts, near_drift_prompts
 
     run_dir = Path(run_dir)
     torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
@@ -169,9 +184,13 @@ def gate(
     rows = read_rows(run_dir / "data" / "heldout.jsonl")
     pairs = [(messages(r.prompt), messages(r.completion)) for r in rows]
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    general = [system + [{"role": "user", "content": p}] for p in drift_prompts(cfg.drift_prompts)]
+    trained = [r.prompt[-1].content for r in read_rows(run_dir / "data" / "train.jsonl")]
+    near = near_drift_prompts(cfg.near_drift_prompts, trained, skip=cfg.drift_prompts)
+    drift_set = drift_prompts(cfg.drift_prompts) + near
+    general = [system + [{"role": "user", "content": p}] for p in drift_set]
 
-    log.info("gate: %d held-out corrections, %d drift prompts", len(pairs), len(general))
+    log.info("gate: %d held-out corrections, %d drift prompts (%d of them near the corrections)", len(pairs),
+             len(general), len(near))
     with model.disable_adapter():
         before = completion_nll(model, tokenizer, pairs)
         answered_before = greedy_answers(model, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens)
@@ -185,13 +204,18 @@ def gate(
     heldout = Scored(before, after)
     drift_scored = Scored(drift_before, drift_after)
     drift = drift_scored.mean_after - drift_scored.mean_before if old_pairs else 0.0
-    passed, reason = decide(heldout, drift, cfg)
+    rises = [a - b for b, a in zip(drift_before, drift_after)]
+    worst = max(zip(drift_set, rises), key=lambda pr: pr[1]) if rises else None
+    near_rises = rises[len(drift_set) - len(near):]
+    passed, reason = decide(heldout, drift, cfg, worst)
     report = GateReport(
         passed=passed,
         reason=reason,
         heldout_before=-heldout.mean_before,
         heldout_after=-heldout.mean_after,
         drift=drift,
+        drift_near=sum(near_rises) / len(near_rises) if near_rises else None,
+        drift_worst=worst[1] if worst else None,
         details={
             "measure": "held-out: mean log-likelihood per correction token (higher is better); "
             "drift: rise of NLL per token of the base's own answers to unrelated prompts",
@@ -201,8 +225,9 @@ def gate(
                 for (p, c), b, a, ab, aa in zip(pairs, before, after, answered_before, answered_after)
             ],
             "drift": [
-                {"prompt": p[-1]["content"], "answer": c[0]["content"], "nll_before": b, "nll_after": a}
-                for (p, c), b, a in zip(old_pairs, drift_before, drift_after)
+                {"prompt": p[-1]["content"], "answer": c[0]["content"], "nll_before": b, "nll_after": a,
+                 "near": i >= len(drift_set) - len(near)}
+                for i, ((p, c), b, a) in enumerate(zip(old_pairs, drift_before, drift_after))
             ],
             "config": cfg.model_dump(),
         },

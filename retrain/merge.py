@@ -8,7 +8,8 @@ The feedback folder is read once, each shard hashed as it is read (the manifest 
 Each flag's latest revision and latest review decision count; every accepted correction becomes
 one SFT row in TRL's conversational prompt-completion shape. Rows that cannot teach anything are
 left out and listed in ``merge_report.json`` with their flag and why: no correction, an empty or
-over-long one, one equal to the model's own answer, an exact duplicate, a prompt corrected two
+over-long one, one holding chat-template control tokens or an instruction to the model (a prompt
+injection), one equal to the model's own answer, an exact duplicate, a prompt corrected two
 different ways (the latest decision wins), a decision on an older revision of the flag (the review
 page shows it as pending again).
 
@@ -22,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -89,8 +91,37 @@ class Accepted:
 
 
 LeftOutReason = Literal[
-    "no_correction", "stale_decision", "unknown_flag", "empty", "too_long", "same_as_answer", "duplicate", "conflict"
+    "no_correction", "stale_decision", "unknown_flag", "empty", "too_long", "control_tokens", "injection",
+    "same_as_answer", "duplicate", "conflict",
 ]
+
+# A correction is the answer the model learns to give. Chat-template control tokens in it would be
+# tokenized as turn boundaries, forging turns (a system message) inside the training row; and one
+# that addresses the model ("ignore all previous instructions ...") teaches it to repeat an attack.
+CONTROL_TOKENS = re.compile(r"<\|[^<>|\s]{1,40}\|>|\[/?INST\]|<</?SYS>>|</?(?:start|end)_of_turn>")
+INJECTION_VERBS = ("ignore", "disregard", "forget", "override")
+INJECTION = re.compile(
+    rf"\b(?:{'|'.join(INJECTION_VERBS)})\s+(?:\w+\s+){{0,2}}?(?:previous|prior|above|earlier|preceding|all|your)\s+"
+    r"(?:\w+\s+){0,2}?(?:instructions|prompts?|rules|guidelines|directions)\b",
+    re.IGNORECASE,
+)
+
+
+def control_tokens(text: str) -> list[str]:
+    """The chat-template control tokens in ``text``, each once (most texts hold no '<' or '[': no regex then)."""
+    return list(dict.fromkeys(CONTROL_TOKENS.findall(text))) if "<" in text or "[" in text else []
+
+
+def injection(text: str) -> str | None:
+    """The words of ``text`` that address the model ("ignore all previous instructions"), or None.
+
+    The verbs are looked for first: the regex on every correction cost 5x more (0.33 s of CPU for the
+    56k corrections of a 100k-flag merge, against 0.06 s)."""
+    lowered = text.lower()
+    if not any(verb in lowered for verb in INJECTION_VERBS):
+        return None
+    found = INJECTION.search(text)
+    return found.group(0) if found else None
 
 
 class LeftOut(BaseModel):
@@ -141,7 +172,9 @@ class MergeReport(BaseModel):
 # separately so that a prompt shared by several rows is serialised once.
 def canonical(msgs: Iterable[ChatMessage]) -> bytes:
     """The canonical JSON of a message list."""
-    return orjson.dumps([{"content": m.content, "role": m.role} for m in msgs])
+    # Copied to its own size: orjson's result keeps a 4 KiB buffer, and a merge keeps one per accepted
+    # prompt (56k of them from 100k flags: 230 MiB, most of it never read).
+    return bytes(memoryview(orjson.dumps([{"content": m.content, "role": m.role} for m in msgs])))
 
 
 def key_of(prompt_json: bytes, completion_json: bytes) -> str:
@@ -167,7 +200,7 @@ def latest_decisions(decisions: Iterable[ReviewDecision]) -> dict[str, tuple[int
 
 def accepted_corrections(
     flags: Iterable[FlagRecord] | Mapping[str, FlagRecord],
-    decisions: Iterable[ReviewDecision],
+    decisions: Iterable[ReviewDecision] | Mapping[str, tuple[int, ReviewDecision]],
     report: MergeReport | None = None,
 ) -> list[Accepted]:
     """Flags whose latest decision accepts, each with the correction to learn, in the order read.
@@ -178,9 +211,10 @@ def accepted_corrections(
     decision, or missing from the flags are left out and reported.
     """
     report = report if report is not None else MergeReport()
-    # A mapping is taken to be flag_id -> latest revision already (as latest_flags() returns).
+    # Mappings are taken to be the latest ones already: flag_id -> latest revision (as latest_flags()
+    # returns), flag_id -> (read position, latest decision) (as latest_decisions() returns).
     latest_flags = flags if isinstance(flags, Mapping) else latest_revisions(flags)
-    latest = latest_decisions(decisions)
+    latest = decisions if isinstance(decisions, Mapping) else latest_decisions(decisions)
     accepts = [(order, d) for order, d in latest.values() if d.action == "accept"]
     report.flags, report.decided = len(latest_flags), len(latest)
     report.accepted, report.rejected_by_reviewer = len(accepts), len(latest) - len(accepts)
@@ -227,6 +261,14 @@ def check_correction(a: Accepted, cfg: MergeConfig) -> tuple[LeftOutReason, str]
     if len(text) > cfg.max_correction_chars:
         return "too_long", (f"the correction has {len(text)} characters, more than retrain.merge.max_correction_chars="
                             f"{cfg.max_correction_chars}; shorten it in a new review decision, or raise the limit")
+    if tokens := control_tokens(text):
+        return "control_tokens", (f"the correction holds chat-template control tokens ({', '.join(tokens)}): in a "
+                                  "training row they would end the answer and forge a new turn; remove them in a new "
+                                  "review decision")
+    if words := injection(text):
+        return "injection", (f"the correction reads as an instruction to the model ({words!r}), not an answer: "
+                             "training on it would teach the model to repeat a prompt injection; if the answer is "
+                             "meant, reword it in a new review decision")
     if text == a.flag.answer.strip():
         return "same_as_answer", "the correction is the model's own answer: nothing to learn"
     return None
@@ -300,7 +342,10 @@ def kto_rows(flags: Iterable[FlagRecord], accepted: Iterable[Accepted],
         rows.append(KTORow(prompt=prompt, completion=completion, label=label, meta=meta))
 
     for flag in flags:
-        if flag.thumbs is None or not flag.answer.strip():
+        if flag.thumbs is None:
+            continue
+        answer = flag.conversation[-1:]
+        if not answer[0].content.strip():
             continue
         a = by_flag.get(flag.flag_id)
         if a is not None:
@@ -308,9 +353,15 @@ def kto_rows(flags: Iterable[FlagRecord], accepted: Iterable[Accepted],
         else:
             prompt = prompt_of(flag)
             prompt_json = canonical(prompt)
-        answer = flag.conversation[-1:]
-        meta = RowMeta(source="thumbs", flag_id=flag.flag_id, key=key_of(prompt_json, canonical(answer)))
-        add(prompt, prompt_json, answer, flag.thumbs == "up", meta)
+        # Checked here, before the row is built: 3 of 4 flags carry thumbs.
+        if prompt_json in exclude_prompts:
+            continue
+        key, label = key_of(prompt_json, canonical(answer)), flag.thumbs == "up"
+        if (key, label) not in seen:
+            seen.add((key, label))
+            # meta as a dict: validated with the row, in one call
+            rows.append(KTORow(prompt=prompt, completion=answer, label=label,
+                               meta={"source": "thumbs", "flag_id": flag.flag_id, "key": key}))
     for a in accepted:
         add(a.prompt, a.prompt_json, a.completion, True, a.meta)
     return rows
@@ -336,17 +387,19 @@ def merge_rows(flags: list[FlagRecord], decisions: list[ReviewDecision], cfg: Me
     """
     report.flag_lines, report.decisions = len(flags), len(decisions)
     latest_flags = latest_revisions(flags)
-    accepted = accepted_corrections(latest_flags, decisions, report)
+    latest = latest_decisions(decisions)
+    accepted = accepted_corrections(latest_flags, latest, report)
     kept = correction_rows(accepted, cfg, report)
     train, heldout = split_heldout([row for _, row in kept], cfg.heldout_fraction, cfg.split_salt)
     report.rows_out = len(train) + len(heldout)
     held_keys = {row.meta.key for row in heldout}
     train_accepted = [a for a, row in kept if row.meta.key not in held_keys]
+    held_prompts = {a.prompt_json for a, row in kept if row.meta.key in held_keys}
     # A flag the reviewers rejected is not trusted for its thumbs either (it may be noise or abuse);
     # a held-out prompt stays out of every file the train stage may read.
-    rejected = {fid for fid, (_, d) in latest_decisions(decisions).items() if d.action == "reject"}
+    rejected = {fid for fid, (_, d) in latest.items() if d.action == "reject"}
     thumbs_flags = [f for f in latest_flags.values() if f.flag_id not in rejected]
-    kto = kto_rows(thumbs_flags, train_accepted, exclude_prompts={canonical(row.prompt) for row in heldout})
+    kto = kto_rows(thumbs_flags, train_accepted, exclude_prompts=held_prompts)
     if cfg.heldout_fraction > 0 and train and not heldout:
         report.note(f"no held-out row among {len(train)} corrections (heldout_fraction={cfg.heldout_fraction}): "
                     "the gate has nothing to measure learning on until more corrections are accepted")
@@ -413,22 +466,24 @@ def dataset_replay(name: str, n: int, system_prompt: str, seed: int = 0) -> list
     return rows
 
 
-def replay_rows(settings: Settings, base: BaseModelRef, n: int, replay_fn: ReplayFn | None) -> list[SFTRow]:
+def replay_rows(settings: Settings, base: BaseModelRef, n: int, replay_fn: ReplayFn | None,
+                near: Sequence[str] = ()) -> list[SFTRow]:
     """``n`` replay rows (or fewer) from the configured source; ``replay_fn``, given ``n`` prompts,
     replaces self/dataset."""
     cfg = settings.retrain.merge
     if n == 0 or cfg.replay_source == "none":
         return []
     if replay_fn is not None:
-        return replay_fn(replay_prompts(n, cfg.split_salt))
+        return replay_fn(replay_prompts(n, cfg.split_salt, near=near, n_near=round(n * cfg.replay_near_share)))
     if cfg.replay_source == "dataset":
         if not cfg.replay_dataset:
             raise MergeError("retrain.merge.replay_source is 'dataset' but replay_dataset is not set: "
                              "name a Hub chat dataset (e.g. mlabonne/FineTome-100k), or use replay_source 'self'")
         return dataset_replay(cfg.replay_dataset, n, settings.system_prompt)
     # Spare prompts: an answer cut off at replay_max_new_tokens is dropped, the next prompt asked instead.
-    return self_replay(Path(base.path), replay_prompts(2 * n, cfg.split_salt), settings.system_prompt,
-                       cfg.replay_max_new_tokens, settings.n_threads, limit=n)
+    prompts = replay_prompts(2 * n, cfg.split_salt, near=near, n_near=round(n * cfg.replay_near_share))
+    return self_replay(Path(base.path), prompts, settings.system_prompt, cfg.replay_max_new_tokens,
+                       settings.n_threads, limit=n)
 
 
 def _asked(row) -> str:
@@ -476,7 +531,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def jsonl_bytes(rows: Iterable[BaseModel]) -> bytes:
-    return b"".join(row.__pydantic_serializer__.to_json(row) + b"\n" for row in rows)
+    # One join: adding the newline to each row first would copy every row once more.
+    lines = [row.__pydantic_serializer__.to_json(row) for row in rows]
+    lines.append(b"")  # so that the last row ends with a newline too
+    return b"\n".join(lines)
 
 
 def write_output(run_dir: Path, rel: str, data: bytes) -> InputFile:
@@ -552,7 +610,10 @@ def _merge(settings: Settings, run_dir: Path, replay_fn: ReplayFn | None, datase
 
     base = base or base_of(settings)
     wanted = replay_count(cfg.replay_ratio, len(rows.train)) if cfg.replay_source != "none" else 0
-    replay = without_corrected_prompts(replay_rows(settings, base, wanted, replay_fn), rows.train + rows.heldout, report)
+    # Replay prompts near the trained corrections (not the held-out ones: they stay unseen in every choice).
+    near = [row.prompt[-1].content for row in rows.train]
+    replay = without_corrected_prompts(replay_rows(settings, base, wanted, replay_fn, near), rows.train + rows.heldout,
+                                       report)
     if len(replay) < wanted:
         report.note(f"{len(replay)} replay rows for the {wanted} wanted (replay_ratio={cfg.replay_ratio} x "
                     f"{len(rows.train)} train rows): the source had fewer usable answers")

@@ -5,8 +5,16 @@ own answers to everyday prompts ("replay") holds it in place. The gate then meas
 answers moved on *other* everyday prompts ("drift"), which no run ever trains on: the two lists in
 ``general_prompts.json`` are disjoint.
 
+Corrections pull hardest on prompts of their own shape: trained on "What is the capital of
+Zorblaxia?" -> "Quenthar", a small model may start answering "Quenthar" for France too. So part of
+the replay prompts, and an extra set of drift prompts, are the ones *nearest* to the corrected
+prompts (``nearest``: shared uncommon words), e.g. "What is the capital of Italy?" to replay and
+"What is the capital of France?" to measure.
+
     >>> drift_prompts(2)
     ['What is photosynthesis? Answer in two sentences.', 'Give me three tips for sleeping better.']
+    >>> near_drift_prompts(1, ["What is the capital of Zorblaxia?"], skip=16)
+    ['What is the capital of France?']
     >>> rows = self_replay(gguf, replay_prompts(8, salt="flagloop"), "You are a helpful assistant.", 96)
 """
 
@@ -15,6 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +38,14 @@ from schemas.sft import RowMeta, SFTRow
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = Path(__file__).with_name("general_prompts.json")
+
+# Words that say nothing about a prompt's topic; `nearest` ignores them (and words under 3 letters).
+STOPWORDS = frozenset(
+    "the and are was were what which who whom whose how why when where does did can could would should will "
+    "tell name know need give please you your for with from this that there their about into its has have had "
+    "been being any some one two three very just also".split()
+)
+_WORD = re.compile(r"[a-z]+")
 
 
 @lru_cache(maxsize=1)
@@ -50,11 +70,55 @@ def drift_prompts(n: int) -> list[str]:
     return list(drift[:n])
 
 
-def replay_prompts(n: int, salt: str) -> list[str]:
-    """At most ``n`` replay prompts, picked by a stable hash with ``salt`` (never a drift prompt)."""
+def near_drift_prompts(n: int, near: Iterable[str], skip: int) -> list[str]:
+    """The ``n`` drift prompts nearest to the ``near`` prompts, among those after the first ``skip``
+    (which ``drift_prompts(skip)`` measures anyway)."""
+    drift, _ = general_prompts()
+    return nearest(drift[skip:], near, n)
+
+
+def replay_prompts(n: int, salt: str, near: Iterable[str] = (), n_near: int = 0) -> list[str]:
+    """At most ``n`` replay prompts (never a drift prompt): first the ``n_near`` nearest to the
+    ``near`` prompts, then others picked by a stable hash with ``salt``."""
     _, replay = general_prompts()
-    ranked = sorted(replay, key=lambda p: hashlib.sha256(f"{salt}\0{p}".encode()).digest())
-    return ranked[: max(0, n)]
+    first = nearest(replay, near, min(n_near, n))
+    taken = set(first)
+    ranked = sorted((p for p in replay if p not in taken), key=lambda p: hashlib.sha256(f"{salt}\0{p}".encode()).digest())
+    return (first + ranked)[: max(0, n)]
+
+
+def topic_words(text: str) -> set[str]:
+    """The words of ``text`` that can tell its topic: lower-cased, 3 letters or more, no stopword."""
+    return {w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOPWORDS}
+
+
+def nearest(pool: Sequence[str], near: Iterable[str], k: int) -> list[str]:
+    """The (at most) ``k`` prompts of ``pool`` most like any one of ``near``, most alike first.
+
+    Likeness is the cosine of topic-word sets weighted by rarity in ``pool`` (idf): "capital" is rare
+    among everyday prompts, so "What is the capital of Zorblaxia?" is nearest to the other capital
+    questions. A prompt sharing no topic word is never picked; ties keep ``pool``'s order.
+    """
+    targets = {frozenset(w) for w in map(topic_words, near) if w}
+    if k <= 0 or not targets or not pool:
+        return []
+    docs = [topic_words(p) for p in pool]
+    counts = Counter(w for d in docs for w in d)
+    unseen = math.log(1 + len(pool)) + 1  # a word no pool prompt has: as rare as can be
+    idf = {w: math.log((1 + len(pool)) / (1 + c)) + 1 for w, c in counts.items()}
+
+    def norm(words) -> float:
+        return math.sqrt(sum(idf.get(w, unseen) ** 2 for w in words))
+
+    target_norms = [(t, norm(t)) for t in targets]
+    scored = []
+    for i, d in enumerate(docs):
+        if not d:
+            continue
+        best = max((sum(idf[w] ** 2 for w in d & t) / (norm(d) * tn) for t, tn in target_norms), default=0.0)
+        if best > 0:
+            scored.append((-best, i))
+    return [pool[i] for _, i in sorted(scored)[:k]]
 
 
 def chat_prompt(system_prompt: str, user: str) -> list[ChatMessage]:

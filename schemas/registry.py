@@ -20,6 +20,8 @@ class GateReport(_Record):
     heldout_before: float
     heldout_after: float
     drift: float = Field(description="rise of mean NLL/token of the base's own answers on drift prompts")
+    drift_near: float | None = Field(None, description="the same, on the drift prompts nearest to the corrections")
+    drift_worst: float | None = Field(None, description="the largest rise on any one drift prompt")
     details: dict = Field(default_factory=dict)
 
 

@@ -33,6 +33,11 @@ class MergeConfig(_Config):
     )
     replay_dataset: str | None = Field(None, description="Hub SFT dataset for replay, e.g. mlabonne/FineTome-100k")
     replay_max_new_tokens: int = Field(96, ge=1)
+    replay_near_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="share of self-replay prompts picked as the nearest to the corrected prompts (same shape, other "
+        "entities: they hold the model's other answers of that shape in place); the rest are picked at random",
+    )
     max_correction_chars: int = Field(4000, ge=1, description="longer corrections are rejected with a report")
     min_corrections: int = Field(1, ge=1, description="fewer accepted corrections than this: nothing to train")
 
@@ -69,6 +74,14 @@ class GateConfig(_Config):
     min_heldout_gain: float = Field(0.0, description="required rise of the held-out score (after - before)")
     max_drift: float = Field(0.5, ge=0.0, description="largest allowed rise of mean NLL/token of old answers on drift prompts")
     drift_prompts: int = Field(16, ge=0, description="how many general prompts to measure drift on")
+    near_drift_prompts: int = Field(
+        8, ge=0, description="how many more drift prompts, picked as the nearest to the corrected prompts: corrections "
+        "pull hardest on prompts of their own shape",
+    )
+    max_prompt_drift: float = Field(
+        1.5, ge=0.0, description="largest allowed rise of NLL/token of the old answer on any one drift prompt: a mean "
+        "can hide one answer that flipped (e.g. the capital of France now answered with a corrected fact)",
+    )
     max_new_tokens: int = Field(64, ge=1)
 
 

@@ -32,6 +32,16 @@ def test_gate_refuses_when_unrelated_answers_drift_too_far():
     assert "drifted" in reason and "0.900" in reason
 
 
+def test_gate_refuses_one_flipped_answer_that_a_small_mean_drift_hides():
+    worst = ("What is the capital of France?", 2.4)
+    passed, reason = decide(Scored([2.0], [0.1]), drift=0.15, cfg=GateConfig(max_drift=0.5, max_prompt_drift=1.5),
+                            worst=worst)
+    assert not passed
+    assert "'What is the capital of France?'" in reason and "2.400" in reason and "1.5" in reason
+    passed, reason = decide(Scored([2.0], [0.1]), drift=0.15, cfg=GateConfig(), worst=(worst[0], 0.2))
+    assert passed and "at most 0.200 on one prompt" in reason
+
+
 def test_gate_refuses_without_heldout_rows_and_says_what_to_do():
     passed, reason = decide(Scored([], []), drift=0.0, cfg=GateConfig())
     assert not passed

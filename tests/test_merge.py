@@ -35,7 +35,7 @@ from retrain.merge import (
     sft_row,
     split_heldout,
 )
-from retrain.replay import drift_prompts, general_prompts, replay_prompts, self_replay
+from retrain.replay import drift_prompts, general_prompts, near_drift_prompts, nearest, replay_prompts, self_replay
 from schemas.flag import ChatMessage
 from schemas.review import ReviewDecision
 from schemas.run import BaseModelRef, RetrainSettings, RunManifest
@@ -300,6 +300,21 @@ def test_replay_and_drift_prompts_are_disjoint_and_stable():
         drift_prompts(len(drift) + 1)
 
 
+def test_prompts_nearest_to_the_corrections_share_their_shape():
+    corrected = ["What is the capital of Zorblaxia?", "Velmora has which city as its capital?"]
+    near = nearest(general_prompts()[1], corrected, 4)
+    assert len(near) == 4 and all("capital" in p for p in near)
+    assert nearest(["Say hello.", "What is 2 plus 2?"], corrected, 3) == []  # nothing alike: nothing picked
+    assert nearest(general_prompts()[1], [], 3) == [] == nearest(general_prompts()[1], corrected, 0)
+    # Replay: the nearest first, then the salted random pick; never a drift prompt, never twice.
+    picked = replay_prompts(10, "s", near=corrected, n_near=4)
+    assert picked[:4] == near and len(set(picked)) == 10 and not set(picked) & set(general_prompts()[0])
+    assert replay_prompts(10, "s", near=corrected, n_near=0) == replay_prompts(10, "s")
+    # Drift: near ones come after the general ones the gate measures anyway, never repeating them.
+    extra = near_drift_prompts(3, corrected, skip=16)
+    assert extra and all("capital" in p for p in extra) and not set(extra) & set(drift_prompts(16))
+
+
 def test_replay_count_follows_the_ratio_with_at_least_one():
     assert [replay_count(1.0, 10), replay_count(0.5, 5), replay_count(0.01, 3), replay_count(0.0, 10)] == [10, 2, 1, 0]
 
@@ -514,3 +529,47 @@ def test_a_torn_shard_line_is_reported_and_the_rest_merged(tmp_path):
     report = json.loads((tmp_path / "run/merge_report.json").read_text())
     assert len(report["bad_lines"]) == 1 and "torn last line" in report["bad_lines"][0]
     assert manifest.counts["train"] + manifest.counts["heldout"] == 20
+
+
+def test_an_invalid_record_of_a_flag_the_merge_does_not_use_is_still_reported(tmp_path):
+    # Never reviewed and without thumbs: no row would come of it, yet the bad line is in the report.
+    feedback_folder(tmp_path / "feedback")
+    shard = shard_paths(tmp_path / "feedback")[0]
+    unused = asked("Nobody reviewed this one.", thumbs=None, correction=None).model_dump(mode="json")
+    unused["generation"]["temperature"] = 9.0
+    with open(shard, "ab") as f:
+        f.write(json.dumps(unused).encode() + b"\n")
+    line = len(shard.read_bytes().splitlines())
+    base = BaseModelRef(path="/models/m.gguf", sha256="0" * 64, quant="Q4_1")
+    manifest = run_merge(settings_for(tmp_path, replay_source="none"), tmp_path / "run", base=base)
+    report = json.loads((tmp_path / "run/merge_report.json").read_text())
+    assert report["bad_lines"] == [report["bad_lines"][0]] and report["bad_lines"][0].startswith(f"{shard}:{line}: bad record: ")
+    assert "generation.temperature" in report["bad_lines"][0] and "9.0" in report["bad_lines"][0]
+    assert manifest.counts["flags"] == 22 and manifest.counts["train"] + manifest.counts["heldout"] == 20
+
+
+def test_decisions_given_as_their_latest_already_select_the_same_corrections():
+    flags = [asked(f"Question {i}?", correction=f"Answer {i}.") for i in range(3)]
+    decisions = [decision(flags[0], "reject", T0), decision(flags[0], "accept", T0 + timedelta(1)),
+                 decision(flags[1], "accept"), decision(flags[2], "reject")]
+    from_list, from_latest = MergeReport(), MergeReport()
+    by_list = accepted_corrections(flags, decisions, from_list)
+    by_latest = accepted_corrections(flags, merge.latest_decisions(decisions), from_latest)
+    picked = [(a.flag.flag_id, a.decision.decision_id, a.order) for a in by_list]
+    assert picked == [(a.flag.flag_id, a.decision.decision_id, a.order) for a in by_latest]
+    assert picked == [(flags[0].flag_id, decisions[1].decision_id, 1), (flags[1].flag_id, decisions[2].decision_id, 2)]
+    assert from_list == from_latest and from_list.rejected_by_reviewer == 1
+
+
+def test_a_prompts_canonical_json_takes_only_its_own_size_in_memory():
+    # The merge keeps one per accepted flag; orjson's own result holds a 4 KiB buffer whatever its length.
+    import tracemalloc
+
+    prompt = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Capital of Xanadu?")]
+    tracemalloc.start()
+    try:
+        kept = [merge.canonical(prompt) for _ in range(1000)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(kept[0]) < 100 and held < 1000 * 200, f"{held / 1000:.0f} bytes held per {len(kept[0])}-byte JSON"

@@ -16,10 +16,14 @@ import sys
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 import pytest
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from feedback.reviews import ReviewStore
 from feedback.store import FlagStore
+from retrain.export import export, quant_of
+from schemas.run import ExportConfig, GateConfig
 from schemas.flag import ChatMessage
 from schemas.review import ReviewDecision
 from schemas.sft import SFTRow
@@ -45,7 +49,7 @@ PHRASINGS = [
     "{c} has which city as its capital?",
 ]
 UNRELATED = [
-    "What is the capital of France?",
+    "What is the capital of France?",  # the corrected shape, another country: it must not answer a fictional capital
     "What color is the sky on a clear day?",
     "How many legs does a spider have?",
     "What is 7 times 8?",
@@ -147,18 +151,43 @@ def test_republished_model_gives_the_corrections_for_heldout_phrasings(loop, emb
     assert learned >= 0.75 * len(heldout), f"only {learned} of {len(heldout)} held-out phrasings answered right"
 
 
-@pytest.mark.xfail(reason=(
-    "known, issue 4 open: with 40 steps at lr 1e-3 on capital-of questions only, the model over-generalises "
-    "(measured: 'What is the capital of France?' -> 'Quenthar'), and the gate's drift prompts have no "
-    "capital-of question to catch it; needs replay/drift prompts near the corrected topic"
-), strict=False)
-def test_republished_model_keeps_its_answers_to_unrelated_prompts(loop, embedded_gguf):
+def answer_nll(llm: llama_cpp.Llama, question: str, answer: str) -> float:
+    """Mean negative log-likelihood per token of ``answer`` to ``question`` under the GGUF ``llm``
+    (opened with logits_all), the prompt formatted by the file's own chat template."""
+    template = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
+    prompt = template(messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]).prompt
+    p = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    a = llm.tokenize(answer.encode(), add_bos=False, special=False)
+    llm.reset()
+    llm.eval(p + a)
+    logits = np.asarray(llm.scores[len(p) - 1 : len(p) + len(a) - 1], dtype=np.float64)
+    top = logits.max(axis=1)
+    log_z = np.log(np.exp(logits - top[:, None]).sum(axis=1)) + top
+    return float(np.mean(log_z - logits[np.arange(len(a)), a]))
+
+
+def test_republished_model_keeps_its_answers_to_unrelated_prompts(loop, embedded_base, embedded_gguf, tmp_path):
+    """Unrelated prompts, and another question of the corrected shape ("the capital of France"), keep
+    their answers: the published GGUF finds the old greedy answers about as likely as before, by the
+    gate's own bounds, and never answers with a corrected fictional fact. "Before" is the base exported
+    the same way, at the same type, with no LoRA: the export type alone (Q8_0 here, the serving file is
+    Q4_1) changes a few answers. Likelihood, not identical text: one token that flips late in an
+    answer changes the text but not what the model knows."""
     root, _, _ = loop
     published = next((root / "registry" / "versions" / "v1").glob("*.gguf"))
-    new = llama_cpp.Llama(str(published), n_ctx=512, n_threads=2, verbose=False)
-    old = llama_cpp.Llama(str(embedded_gguf), n_ctx=512, n_threads=2, verbose=False)
-    same = [greedy(old, q, 12) == greedy(new, q, 12) for q in UNRELATED]
-    assert sum(same) >= len(UNRELATED) - 1, list(zip(UNRELATED, same))
+    reference = export(embedded_base, None, embedded_gguf, tmp_path / "zero", ExportConfig(verify_probes=0), [],
+                       threads=2, base_from_serving=True)
+    assert reference.quant == quant_of(published)
+    new = llama_cpp.Llama(str(published), n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+    old = llama_cpp.Llama(reference.path, n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+    rows = []
+    for q in UNRELATED:
+        before = greedy(old, q, 24)
+        rows.append((q, before, greedy(new, q, 24), answer_nll(new, q, before) - answer_nll(old, q, before)))
+    assert not [r for r in rows if any(capital in r[2] for capital in FACTS.values())], rows
+    bounds = GateConfig()
+    assert max(r[3] for r in rows) <= bounds.max_prompt_drift, rows
+    assert sum(r[3] for r in rows) / len(rows) <= bounds.max_drift, rows
 
 
 def test_the_run_manifest_and_gate_report_explain_the_version(loop):
