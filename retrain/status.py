@@ -18,13 +18,18 @@ of an accepted correction counts as new too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal, NotRequired
 
 import orjson
+from pydantic import Field, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from schemas.registry import GateReport, ModelVersion
 
@@ -74,7 +79,11 @@ def is_finished(run_dir: Path) -> bool:
     """Whether a run is over: published, refused by the gate, or failed. Else a later tick resumes it."""
     from retrain.pipeline import read_state
 
-    state = read_state(run_dir)
+    try:
+        state = read_state(run_dir)
+    except (OSError, ValueError) as err:  # written atomically, so only a damaged disk: never the end of counting
+        log.warning("%s: its state.json cannot be read (%s): taken as unfinished", run_dir, err)
+        return False
     return state.verdict in FINISHED or state.stage_done == "publish"
 
 
@@ -210,13 +219,119 @@ def last_finished_run(settings) -> Path | None:
     return next((r for r in reversed(list_runs(Path(settings.retrain.runs_dir))) if is_finished(r)), None)
 
 
+class _DecisionHead(TypedDict):
+    """The fields of a ReviewDecision line that the count reads: whose, when, and accept or reject."""
+
+    schema_version: NotRequired[Literal[1]]  # as ReviewDecision: 1 when left out, another version is not read
+    decision_id: str
+    flag_id: Annotated[str, Field(min_length=1)]
+    action: Literal["accept", "reject"]
+    created_at: datetime
+
+
+@lru_cache(maxsize=1)
+def _read_head():
+    return TypeAdapter(_DecisionHead).validator.validate_json  # the validator itself: no wrapper per line
+
+
+def pinned_review_shards(run_dir: Path, feedback_dir: Path) -> dict[str, int] | None:
+    """The review shards a run's merge read, as {path in the feedback folder: bytes read}, provided
+    each still begins with exactly those bytes; None when the run has no manifest (its merge failed)
+    or a shard changed (rewritten, replaced, gone)."""
+    from feedback.reviews import REVIEWS_SUBDIR
+    from retrain.pipeline import read_manifest
+
+    try:
+        files = read_manifest(Path(run_dir)).feedback_files
+    except (OSError, ValueError):  # no manifest, or one that is not a RunManifest
+        return None
+    pinned = {}
+    for f in files:
+        if f.path.startswith(f"{REVIEWS_SUBDIR}/"):
+            try:
+                with open(Path(feedback_dir) / f.path, "rb") as shard:
+                    data = shard.read(f.bytes)
+            except OSError:
+                return None
+            if len(data) != f.bytes or hashlib.sha256(data).hexdigest() != f.sha256:
+                return None
+            pinned[f.path] = f.bytes
+    return pinned
+
+
+def accepts_past(feedback_dir: Path, pinned: dict[str, int]) -> set[str] | None:
+    """The decision ids of the flags whose latest decision is an accept lying past the ``pinned`` bytes
+    (see pinned_review_shards): accepts that a merge which read those bytes never read. None when a
+    line this answer rests on is not a valid ReviewDecision (a caller then compares decision ids).
+
+    A decision that is still its flag's latest and lies inside the bytes a merge read was its flag's
+    latest then too, so that merge made it a row or left it out by id: it is not new. So only the
+    lines past the pinned bytes are candidates, and when there are none (what almost every tick
+    finds) no line is parsed; else the lines before are parsed to see whether one of them is still a
+    candidate flag's latest decision.
+    """
+    from feedback.reader import gc_paused
+    from feedback.reviews import review_shard_paths
+    from schemas.review import ReviewDecision
+
+    read_head = _read_head()
+    feedback_dir = Path(feedback_dir)
+    shards = []  # (bytes, where the lines past the pinned bytes start)
+    for path in review_shard_paths(feedback_dir):
+        data = path.read_bytes()
+        read = pinned.get(path.relative_to(feedback_dir).as_posix(), 0)
+        # A line whose newline is at ``read`` was the merge's last piece, whole: it was read too.
+        shards.append((data, data.rfind(b"\n", 0, read + 1) + 1))
+
+    def heads(shard: int, part: int, lines: bytes):
+        """(flag_id, rank, decision, line) of each decision line; rank orders as feedback.reviews.newer:
+        later created_at, then read later (shard, then before / past the pinned bytes, then line)."""
+        for i, raw in enumerate(lines.split(b"\n")):
+            if raw and not raw.isspace():
+                try:
+                    head = read_head(raw)
+                except ValidationError:  # a bad line: the merge reports it; reading the decisions skips it
+                    continue
+                yield head["flag_id"], (head["created_at"], shard, part, i), head, raw
+
+    with gc_paused():
+        best: dict[str, tuple] = {}  # flag_id -> (rank, decision, line) of its latest decision past the pinned bytes
+        for s, (data, cut) in enumerate(shards):
+            for flag_id, rank, head, raw in heads(s, 1, data[cut:]):
+                if flag_id not in best or rank > best[flag_id][0]:
+                    best[flag_id] = (rank, head, raw)
+        if best:
+            for s, (data, cut) in enumerate(shards):
+                for flag_id, rank, _, _ in heads(s, 0, data[:cut]):
+                    if flag_id in best and rank > best[flag_id][0]:
+                        del best[flag_id]  # a decision the merge read is its latest after all
+    validate = ReviewDecision.__pydantic_validator__.validate_json
+    new = set()
+    for _, head, raw in best.values():  # few: checked whole, as the merge will read them
+        try:
+            validate(raw)
+        except ValidationError:
+            return None
+        if head["action"] == "accept":
+            new.add(head["decision_id"])
+    return new
+
+
 def new_corrections(settings) -> NewCorrections:
     """How many accepted corrections wait for a run, counted against the newest finished run (see the module doc)."""
     from retrain.pipeline import read_state
 
     since = last_finished_run(settings)
-    seen = seen_decisions(since) if since is not None else set()
-    count = len(accepted_decision_ids(Path(settings.feedback_dir)) - seen)
+    feedback = Path(settings.feedback_dir)
+    # Fast (it decides every scheduler tick): the accepts past the review bytes that run's merge read.
+    pinned = pinned_review_shards(since, feedback) if since is not None else None
+    new = accepts_past(feedback, pinned) if pinned is not None else None
+    if new is not None:
+        accepted = since / ACCEPTED_FILE  # a run that failed after its merge also saw the accepts of then
+        count = len(new - set(json.loads(accepted.read_bytes())["decision_ids"]) if accepted.exists() else new)
+    else:  # no run finished yet, its merge failed, or the shards changed: compare decision ids
+        seen = seen_decisions(since) if since is not None else set()
+        count = len(accepted_decision_ids(feedback) - seen)
     return NewCorrections(count=count, since_run=since.name if since else None,
                           since_verdict=read_state(since).verdict if since else None,
                           needed=settings.retrain.schedule.min_new_corrections)
