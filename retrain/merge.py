@@ -492,6 +492,8 @@ def _asked(row) -> str:
 
 def without_corrected_prompts(replay: list[SFTRow], corrections: list[SFTRow], report: MergeReport) -> list[SFTRow]:
     """Replay rows minus those asking what a correction answers: the old answer would fight the new one."""
+    if not replay:  # no replay: skip building the set of every corrected question
+        return replay
     asked = {_asked(r) for r in corrections}
     kept = [r for r in replay if _asked(r) not in asked]
     if len(kept) < len(replay):
