@@ -13,10 +13,10 @@ so quantization error never compounds from version to version.
 from __future__ import annotations
 
 import logging
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from retrain.run_files import read_manifest, read_state, write_state  # callers import them from here too
 from schemas.run import STAGES, RunManifest, RunState
 from schemas.settings import Settings
 
@@ -29,28 +29,6 @@ def new_run_id() -> str:
 
 def run_dir_of(settings: Settings, run_id: str) -> Path:
     return Path(settings.retrain.runs_dir) / run_id
-
-
-def read_state(run_dir: Path) -> RunState:
-    path = run_dir / "state.json"
-    if path.exists():
-        return RunState.model_validate_json(path.read_text(encoding="utf-8"))
-    return RunState(run_id=run_dir.name)
-
-
-def write_state(run_dir: Path, state: RunState) -> RunState:
-    state = state.model_copy(update={"updated_at": datetime.now(timezone.utc)})
-    tmp = run_dir / "state.json.tmp"
-    tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / "state.json")
-    return state
-
-
-def read_manifest(run_dir: Path) -> RunManifest:
-    path = run_dir / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the merge stage of this run first")
-    return RunManifest.model_validate_json(path.read_text(encoding="utf-8"))
 
 
 def done(state: RunState, stage: str) -> bool:

@@ -77,7 +77,7 @@ def list_runs(runs_dir: Path) -> list[Path]:
 
 def is_finished(run_dir: Path) -> bool:
     """Whether a run is over: published, refused by the gate, or failed. Else a later tick resumes it."""
-    from retrain.pipeline import read_state
+    from retrain.run_files import read_state
 
     try:
         state = read_state(run_dir)
@@ -133,7 +133,7 @@ def failed_ticks(run_dir: Path) -> list[dict]:
 
 def run_summary(run_dir: Path) -> RunSummary:
     """How far one run got, with its last loss and its gate figures."""
-    from retrain.pipeline import read_state
+    from retrain.run_files import read_state
 
     run_dir = Path(run_dir)
     try:
@@ -239,7 +239,7 @@ def pinned_review_shards(run_dir: Path, feedback_dir: Path) -> dict[str, int] | 
     each still begins with exactly those bytes; None when the run has no manifest (its merge failed)
     or a shard changed (rewritten, replaced, gone)."""
     from feedback.reviews import REVIEWS_SUBDIR
-    from retrain.pipeline import read_manifest
+    from retrain.run_files import read_manifest
 
     try:
         files = read_manifest(Path(run_dir)).feedback_files
@@ -319,7 +319,7 @@ def accepts_past(feedback_dir: Path, pinned: dict[str, int]) -> set[str] | None:
 
 def new_corrections(settings) -> NewCorrections:
     """How many accepted corrections wait for a run, counted against the newest finished run (see the module doc)."""
-    from retrain.pipeline import read_state
+    from retrain.run_files import read_state
 
     since = last_finished_run(settings)
     feedback = Path(settings.feedback_dir)
