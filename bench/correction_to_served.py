@@ -43,35 +43,10 @@ STAGES = ("merge", "train", "gate", "export", "publish")
 
 def write_config(root: Path, args) -> Path:
     """One config for the scheduler: the loop test's retraining settings, the schedule shortened."""
-    from tests.test_retrain_loop import SYSTEM
+    from tests.test_retrain_loop import loop_config
 
     config = root / "flagloop.toml"
-    config.write_text(f"""
-feedback_dir = "{root / 'feedback'}"
-registry_dir = "{root / 'registry'}"
-system_prompt = "{SYSTEM}"
-n_threads = {args.threads}
-
-[retrain]
-runs_dir = "{root / 'runs'}"
-
-[retrain.merge]
-heldout_fraction = 0.25
-replay_ratio = 0.5
-
-[retrain.train]
-max_steps = {args.max_steps}
-learning_rate = 1e-3
-save_steps = 20
-max_length = 128
-
-[retrain.gate]
-drift_prompts = 6
-max_new_tokens = 32
-
-[retrain.export]
-verify_probes = 2
-
+    config.write_text(loop_config(root, args.threads, args.max_steps) + f"""
 [retrain.schedule]
 trigger = "interval"
 interval_minutes = {args.interval_minutes}

@@ -473,15 +473,16 @@ def replay_rows(settings: Settings, base: BaseModelRef, n: int, replay_fn: Repla
     cfg = settings.retrain.merge
     if n == 0 or cfg.replay_source == "none":
         return []
+    n_near = round(n * cfg.replay_near_share)
     if replay_fn is not None:
-        return replay_fn(replay_prompts(n, cfg.split_salt, near=near, n_near=round(n * cfg.replay_near_share)))
+        return replay_fn(replay_prompts(n, cfg.split_salt, near=near, n_near=n_near))
     if cfg.replay_source == "dataset":
         if not cfg.replay_dataset:
             raise MergeError("retrain.merge.replay_source is 'dataset' but replay_dataset is not set: "
                              "name a Hub chat dataset (e.g. mlabonne/FineTome-100k), or use replay_source 'self'")
         return dataset_replay(cfg.replay_dataset, n, settings.system_prompt)
     # Spare prompts: an answer cut off at replay_max_new_tokens is dropped, the next prompt asked instead.
-    prompts = replay_prompts(2 * n, cfg.split_salt, near=near, n_near=round(n * cfg.replay_near_share))
+    prompts = replay_prompts(2 * n, cfg.split_salt, near=near, n_near=n_near)
     return self_replay(Path(base.path), prompts, settings.system_prompt, cfg.replay_max_new_tokens,
                        settings.n_threads, limit=n)
 

@@ -89,18 +89,24 @@ def is_finished(run_dir: Path) -> bool:
 
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, training loss) of each logged step, from ``train_log.jsonl``; [] before training logs any."""
-    path = Path(run_dir) / "train_log.jsonl"
+    return [(int(e.get("step", 0)), float(e["loss"])) for e in jsonl_entries(Path(run_dir) / "train_log.jsonl")
+            if e.get("loss") is not None]
+
+
+def jsonl_entries(path: Path) -> list[dict]:
+    """The JSON objects of a run's append-only log, in order; [] when it does not exist. A line that
+    is not one (the last line of a run killed mid-write) is skipped."""
     if not path.exists():
         return []
-    curve = []
+    entries = []
     for line in path.read_bytes().splitlines():
         try:
             entry = orjson.loads(line)
-        except orjson.JSONDecodeError:  # the last line of a run killed mid-write
+        except orjson.JSONDecodeError:
             continue
-        if isinstance(entry, dict) and entry.get("loss") is not None:
-            curve.append((int(entry.get("step", 0)), float(entry["loss"])))
-    return curve
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def gate_report(run_dir: Path) -> GateReport | None:
@@ -117,18 +123,7 @@ def gate_report(run_dir: Path) -> GateReport | None:
 
 def failed_ticks(run_dir: Path) -> list[dict]:
     """The scheduler ticks that failed on this run, oldest first (each {"at", "action", "error", ...})."""
-    path = Path(run_dir) / TICKS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_bytes().splitlines():
-        try:
-            entry = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and entry.get("error"):
-            out.append(entry)
-    return out
+    return [entry for entry in jsonl_entries(Path(run_dir) / TICKS_FILE) if entry.get("error")]
 
 
 def run_summary(run_dir: Path) -> RunSummary:

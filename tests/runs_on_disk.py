@@ -8,8 +8,12 @@ import json
 from pathlib import Path
 
 from retrain.pipeline import write_state
+from retrain.registry import LocalRegistry
 from schemas.registry import GateReport
 from schemas.run import RunState
+
+OLD, NEW = "run-20261121-030000", "run-20261122-030000"
+PASSED = "held-out corrections improved (NLL/token 2.100 -> 0.900) and drift 0.050 is within 0.5"
 
 MEASURE = ("held-out: mean log-likelihood per correction token (higher is better); "
            "drift: rise of NLL per token of the base's own answers to unrelated prompts")
@@ -51,3 +55,14 @@ def write_run(runs_dir: Path, run_id: str, stage_done: str = "none", verdict: st
     write_state(run_dir, RunState(run_id=run_id, stage_done=stage_done, verdict=verdict, version=version,
                                   message=message))
     return run_dir
+
+
+def published_run(runs_dir: Path, registry_dir: Path, scratch: Path) -> GateReport:
+    """Run OLD, whose gate passed, published as the registry's v1 (its GGUF a stand-in in ``scratch``)."""
+    passed = gate_report(True, PASSED, [("What is the capital of Zorblaxia?", "Quenthar.", "Paris.", "Quenthar.",
+                                         2.1, 0.9)], [("Name a colour.", "Blue.", 1.0, 1.05)])
+    write_run(runs_dir, OLD, "publish", "publish", [2.4, 1.6, 0.8], passed, version="v1")
+    gguf = Path(scratch) / "model.gguf"
+    gguf.write_bytes(b"GGUF stand-in: the registry copies and hashes it, the tab only reads its record")
+    LocalRegistry(registry_dir).publish(gguf, quant="Q4_1", base_sha256="0" * 64, run_id=OLD, gate=passed)
+    return passed

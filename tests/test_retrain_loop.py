@@ -82,17 +82,13 @@ def greedy(llm: llama_cpp.Llama, question: str, max_tokens: int = 24) -> str:
     return out["choices"][0]["message"]["content"]
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory, embedded_base):
-    """Run `python -m retrain run` once, as a user would, on flags written by the real stores."""
-    root = tmp_path_factory.mktemp("loop")
-    flagged_corrections(root / "feedback")
-    config = root / "flagloop.toml"
-    config.write_text(f"""
+def loop_config(root: Path, threads: int = 2, max_steps: int = 40) -> str:
+    """The loop's flagloop.toml: folders under ``root``, settings that teach the facts in minutes on CPU."""
+    return f"""
 feedback_dir = "{root / 'feedback'}"
 registry_dir = "{root / 'registry'}"
 system_prompt = "{SYSTEM}"
-n_threads = 2
+n_threads = {threads}
 
 [retrain]
 runs_dir = "{root / 'runs'}"
@@ -102,7 +98,7 @@ heldout_fraction = 0.25
 replay_ratio = 0.5
 
 [retrain.train]
-max_steps = 40
+max_steps = {max_steps}
 learning_rate = 1e-3
 save_steps = 20
 max_length = 128
@@ -113,7 +109,16 @@ max_new_tokens = 32
 
 [retrain.export]
 verify_probes = 2
-""")
+"""
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, embedded_base):
+    """Run `python -m retrain run` once, as a user would, on flags written by the real stores."""
+    root = tmp_path_factory.mktemp("loop")
+    flagged_corrections(root / "feedback")
+    config = root / "flagloop.toml"
+    config.write_text(loop_config(root))
     # The materialised base is shared with the other tests instead of being made again.
     (root / "cache").mkdir()
     (root / "cache" / "base").symlink_to(embedded_base.parent)

@@ -18,17 +18,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
-from retrain.registry import LocalRegistry  # noqa: E402
 from schemas.run import RetrainSettings  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from tests.browser import bait_server, browser  # noqa: E402,F401 (fixtures)
-from tests.runs_on_disk import gate_report, write_run  # noqa: E402
-from tests.test_review_ui import box, call_without_login, free_port  # noqa: E402
+from tests.runs_on_disk import NEW, OLD, PASSED, gate_report, published_run, write_run  # noqa: E402
+from tests.test_review_ui import box, call_without_login, free_port, page  # noqa: E402,F401 (page: a fixture)
 
 STEP_MS = 15_000
 PASSWORD = "correct horse battery staple"
-OLD, NEW = "run-20261121-030000", "run-20261122-030000"
-PASSED = "held-out corrections improved (NLL/token 2.100 -> 0.900) and drift 0.050 is within 0.5"
 REFUSED = "held-out corrections did not improve enough: NLL/token 1.700 -> 1.650 (gain 0.050, needed > 0.1)"
 
 expect.set_options(timeout=STEP_MS)
@@ -51,12 +48,7 @@ def server(tmp_path, bait_server):
     runs = tmp_path / "runs"
     settings = Settings(feedback_dir=tmp_path / "feedback", registry_dir=tmp_path / "registry", n_threads=2,
                         reviewers={"ana": PASSWORD}, retrain=RetrainSettings(runs_dir=str(runs)))
-    passed = gate_report(True, PASSED, [("What is the capital of Zorblaxia?", "Quenthar.", "Paris.", "Quenthar.",
-                                         2.1, 0.9)], [("Name a colour.", "Blue.", 1.0, 1.05)])
-    write_run(runs, OLD, "publish", "publish", [2.4, 1.6, 0.8], passed, version="v1")
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF stand-in: the registry copies and hashes it, the tab only reads its record")
-    LocalRegistry(settings.registry_dir).publish(gguf, quant="Q4_1", base_sha256="0" * 64, run_id=OLD, gate=passed)
+    published_run(runs, settings.registry_dir, tmp_path)
     refused = gate_report(False, REFUSED, [
         (hostile(bait_server.url, "prompt"), hostile(bait_server.url, "correction"), "I do not know.",
          "Quenthar, I think.", 1.7, 1.65),
@@ -74,20 +66,6 @@ def server(tmp_path, bait_server):
     demo.close()
     review.close()
     store.close()
-
-
-@pytest.fixture
-def page(browser, tmp_path, request):
-    failed_before = request.session.testsfailed
-    context = browser.new_context(viewport={"width": 1400, "height": 1600})
-    context.set_default_timeout(STEP_MS)
-    page = context.new_page()
-    yield page
-    if request.session.testsfailed > failed_before:
-        shot = tmp_path / "failure.png"
-        page.screenshot(path=shot, full_page=True)
-        print(f"screenshot of the failed page: {shot}")
-    context.close()
 
 
 def test_a_reviewer_sees_the_runs_loss_curve_and_gate_report_of_the_retraining_loop(page, server):

@@ -11,7 +11,6 @@ import pytest
 
 from feedback.reviews import ReviewStore
 from feedback.store import FlagStore
-from retrain.registry import LocalRegistry
 from schemas.registry import GateReport
 from schemas.review import ReviewDecision
 from schemas.run import RetrainSettings, ScheduleConfig
@@ -19,10 +18,9 @@ from schemas.settings import Settings
 from space.review import RETRAINING, NotAReviewer, ReviewApp, Reviewer
 from space.runs_view import RUN_COLUMNS, gate_figures, retraining_view
 from tests.records import make_flag
-from tests.runs_on_disk import gate_report, write_run
+from tests.runs_on_disk import NEW, OLD, PASSED, gate_report, published_run, write_run
 
-OLD, NEW, NEWEST = "run-20261121-030000", "run-20261122-030000", "run-20261123-030000"
-PASSED = "held-out corrections improved (NLL/token 2.100 -> 0.900) and drift 0.050 is within 0.5"
+NEWEST = "run-20261123-030000"
 REFUSED = "answers to unrelated prompts drifted too far: NLL/token of the old answers rose by 0.700 (bound 0.5)"
 
 
@@ -51,12 +49,7 @@ def loop(tmp_path):
     """v1 published by OLD (gate passed); NEW refused by the gate; 2 accepted corrections since."""
     settings = settings_for(tmp_path)
     runs = tmp_path / "runs"
-    passed = gate_report(True, PASSED, [("What is the capital of Zorblaxia?", "Quenthar.", "Paris.", "Quenthar.",
-                                         2.1, 0.9)], [("Name a colour.", "Blue.", 1.0, 1.05)])
-    write_run(runs, OLD, "publish", "publish", [2.4, 1.6, 0.8], passed, version="v1")
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF stand-in: the registry copies and hashes it, the tab only reads its record")
-    LocalRegistry(settings.registry_dir).publish(gguf, quant="Q4_1", base_sha256="0" * 64, run_id=OLD, gate=passed)
+    passed = published_run(runs, settings.registry_dir, tmp_path)
     refused = gate_report(False, REFUSED, [
         ("Which city is the capital of Velmora?", "Ostrigard.", "I do not know.", "Ostrigard.", 1.9, 0.7),
         ("Name the capital of Prindavel.", "Kestrune.", "Paris.", "Kestrune.", 2.3, 0.8),
