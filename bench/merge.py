@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import random
 import resource
 import shutil
@@ -125,7 +126,9 @@ def main() -> None:
     try:
         for n in args.sizes:
             feedback = tmp / f"feedback-{n}"
-            lines, decisions = generate(feedback, n)
+            # In a child process, so that this process's peak RSS is the merge's own.
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                lines, decisions = pool.apply(generate, (feedback, n))
             mib = sum(p.stat().st_size for p in feedback.rglob("*.jsonl")) / 2**20
             settings = Settings(feedback_dir=feedback, retrain=RetrainSettings(merge=MergeConfig(replay_source="none")))
             t, cpu = time.perf_counter(), time.process_time()
@@ -141,7 +144,8 @@ def main() -> None:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"peak RSS of the merges (data generated in a child process): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if 100_000 in result:
         ok = "OK" if result[100_000] < GOAL_S else "MISSED"
         print(f"100k flags: {result[100_000]:.2f} s (goal < {GOAL_S:.0f} s): {ok}")

@@ -19,6 +19,8 @@ _SCALARS = {str: "string", int: "int64", float: "float64", bool: "bool", datetim
 
 def _feature(annotation):
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # schemas.flag.Text: a str with a validator
+        return _feature(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) != 1:

@@ -6,9 +6,9 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from schemas.flag import _Record, check_text, utcnow
+from schemas.flag import Text, _Record, utcnow
 
 REVIEW_SCHEMA_VERSION = 1
 
@@ -21,14 +21,12 @@ class ReviewDecision(_Record):
     flag_id: str = Field(min_length=1, description="the flag decided on")
     flag_record_id: str = Field(min_length=1, description="the flag revision the reviewer saw")
     action: Literal["accept", "reject"]
-    correction: str | None = Field(
+    correction: Text | None = Field(
         None, description="the reviewer's edited correction; None keeps the flag's own"
     )
-    note: str = ""
+    note: Text = ""
     reviewer: str = Field(min_length=1)
     created_at: datetime = Field(default_factory=utcnow)
-
-    _check = field_validator("correction", "note")(lambda v: v if v is None else check_text(v))
 
     @model_validator(mode="after")
     def _edit_only_when_accepting(self) -> "ReviewDecision":

@@ -7,7 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 import schemas.__main__ as export
-from schemas.flag import REASONS, ChatMessage, FlagRecord
+from schemas.flag import REASONS, ChatMessage, FlagRecord, ModelIdentity
+from schemas.review import ReviewDecision
 from tests.records import make_flag
 
 SCHEMAS = Path(export.__file__).parent
@@ -59,6 +60,37 @@ def test_invalid_unicode_is_refused_clearly():
         make_flag(comment="broken \ud800 text")
     with pytest.raises(ValidationError, match="invalid unicode"):
         ChatMessage(role="user", content="\udfff")
+
+
+def test_invalid_unicode_in_a_review_decision_is_refused_clearly():
+    with pytest.raises(ValidationError, match="invalid unicode"):
+        ReviewDecision(flag_id="f", flag_record_id="r", action="accept", reviewer="ana", correction="a \ud800")
+    with pytest.raises(ValidationError, match="invalid unicode"):
+        ReviewDecision(flag_id="f", flag_record_id="r", action="reject", reviewer="ana", note="\udfff")
+
+
+def test_flags_read_back_share_one_model_identity_and_different_ones_stay_apart():
+    a, b = make_flag(), make_flag()
+    read = [FlagRecord.model_validate_json(f.model_dump_json()) for f in (a, b)]
+    assert read[0].model is read[1].model and read[0].model == a.model
+    other = FlagRecord.model_validate_json(make_flag(model=a.model.model_copy(update={"quant": "Q8_0"})).model_dump_json())
+    assert other.model.quant == "Q8_0" and other.model is not read[0].model
+
+
+def test_model_identities_built_in_python_are_each_filled_in():
+    # ModelIdentity(...) validates into the new object: it must never be handed a shared one instead.
+    fields = json.loads(make_flag().model.model_dump_json())
+    FlagRecord.model_validate_json(make_flag().model_dump_json())  # an identity now shared for JSON
+    built = [ModelIdentity(**fields) for _ in range(2)] + [ModelIdentity.model_validate(fields)]
+    assert all(m.sha256 == fields["sha256"] and m.model_dump() == fields for m in built)
+
+
+def test_a_model_identity_that_is_not_one_is_still_refused_with_its_field():
+    row = json.loads(make_flag().model_dump_json())
+    with pytest.raises(ValidationError, match=r"model\.quant"):
+        FlagRecord.model_validate({**row, "model": {**row["model"], "quant": ["Q4_1"]}})  # unhashable value
+    with pytest.raises(ValidationError, match=r"model\.sha256"):
+        FlagRecord.model_validate({**row, "model": {k: v for k, v in row["model"].items() if k != "sha256"}})
 
 
 def test_unknown_fields_are_refused():

@@ -85,6 +85,24 @@ def test_a_bad_line_in_the_middle_is_reported_with_file_and_line(tmp_path):
     assert [(b.line, b.torn) for b in result.bad] == [(2, False)]
 
 
+@pytest.mark.parametrize("field", ["comment", "correction", "system_prompt", "conversation"])
+@pytest.mark.parametrize("broken", [b"\\ud800", b"\\udfff", b"\xff"])
+def test_text_that_is_not_utf8_in_a_shard_line_is_a_bad_line(tmp_path, field, broken):
+    # Records read from JSON skip check_text (schemas.flag.Text): the JSON parser must refuse these.
+    store = FlagStore(tmp_path)
+    store.save(make_flag())
+    store.close()
+    line = make_flag(comment="MARK", correction="MARK", system_prompt="MARK",
+                     conversation=[{"role": "assistant", "content": "MARK"}]).model_dump_json().encode()
+    key = {"conversation": b'"content":"MARK"'}.get(field, f'"{field}":"MARK"'.encode())
+    assert line.count(key) == 1
+    with open(shard_paths(tmp_path)[0], "ab") as f:
+        f.write(line.replace(key, key.replace(b"MARK", b"a" + broken + b"b")) + b"\n")
+    result = read_flags(tmp_path)
+    assert len(result.records) == 1
+    assert [(b.line, b.torn) for b in result.bad] == [(2, False)]
+
+
 def test_shards_rotate_by_size(tmp_path):
     store = FlagStore(tmp_path, max_bytes=4096)
     saved = [store.save(make_flag()) for _ in range(12)]
