@@ -53,27 +53,21 @@ def hub_command(args, settings) -> int:
     """`push` or `pull`: 0 when done, 1 (with one line saying why) when the Hub could not be used."""
     from huggingface_hub import HfApi
 
-    from feedback.sync import (
-        HTTP_TIMEOUT_S,
-        FolderPusher,
-        SyncError,
-        describe_error,
-        hub_token,
-        install_http_timeout,
-        pull,
-    )
+    from feedback.pull import PullError, pull_folder
+    from feedback.sync import FolderPusher, SyncError, hub_token, install_http_timeout
 
     repo = settings.dataset_repo
     if repo is None:
         print("flagloop: no dataset repo: set FLAGLOOP_DATASET_REPO or pass --repo owner/name", file=sys.stderr)
         return 2
     # The sync's own lines (retries, the final failure) go to stderr as they happen.
-    sync_log = logging.getLogger("feedback.sync")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("flagloop: %(message)s"))
-    sync_log.addHandler(handler)
-    sync_log.setLevel(logging.WARNING)
-    sync_log.propagate = False
+    for name in ("feedback.sync", "feedback.pull"):
+        sync_log = logging.getLogger(name)
+        sync_log.addHandler(handler)
+        sync_log.setLevel(logging.WARNING)
+        sync_log.propagate = False
     token = hub_token(settings)
     install_http_timeout()
     api = HfApi(token=token, library_name="flagloop")
@@ -87,13 +81,10 @@ def hub_command(args, settings) -> int:
         print(pusher.status().line())
         return 0
     try:
-        result = pull(repo, args.to, token=token)
-    except Exception as err:  # noqa: BLE001 - one line for the operator, not a traceback
-        why = describe_error(err, repo, api.endpoint, HTTP_TIMEOUT_S)
-        print(f"flagloop: pull from {repo} failed: {why}", file=sys.stderr)
+        result = pull_folder(api, repo, args.to)
+    except PullError as err:  # one line for the operator, not a traceback
+        print(f"flagloop: {err}", file=sys.stderr)
         return 1
-    for problem in result.problems:
-        print(problem, file=sys.stderr)
     print(result.summary())
     return 0 if not result.problems else 1
 

@@ -5,8 +5,9 @@
     >>> saved.revision
     1
 
-Each process appends to its own shard (``flags-YYYYMMDD-<host>-<pid>-<n>.jsonl``), so two
-processes never interleave bytes in one file. A shard is rotated past ``max_bytes`` or when the
+Each process appends to its own shard (``flags-YYYYMMDD-<host>-<pid>-<token>-<n>.jsonl``, the token
+random per process), so two processes never interleave bytes in one file, and a shard restored from
+the Hub after a restart (same host name, same pid: a container) never has the name of a new one. A shard is rotated past ``max_bytes`` or when the
 UTC day changes. A line is written with a single ``write`` and fsynced before ``save`` returns:
 a record the caller was told about survives a crash; a crash mid-write leaves at most one torn
 last line, which the reader reports and skips.
@@ -22,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,8 +41,8 @@ class ShardWriter:
         ...     seq = writer.write(b'{"a": 1}\\n')   # callers update their own index under the same lock
         >>> writer.sync(seq)                         # returns once that line is on disk
 
-    Shards are named ``<prefix>-YYYYMMDD-<host>-<pid>-<n>.jsonl`` and rotated past ``max_bytes``
-    or when the UTC day changes.
+    Shards are named ``<prefix>-YYYYMMDD-<host>-<pid>-<token>-<n>.jsonl`` (the token random per
+    writer) and rotated past ``max_bytes`` or when the UTC day changes.
     """
 
     def __init__(self, dir: Path, prefix: str, max_bytes: int):
@@ -58,6 +60,9 @@ class ShardWriter:
         self._synced = 0  # lines known durable
         self._day = ""
         self._seq = 0
+        # A container restarts with the same host name and pid: without this, a new shard could take
+        # the name of one the Hub holds and that a pull brings back later.
+        self._token = uuid.uuid4().hex[:6]
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -134,7 +139,8 @@ class ShardWriter:
         self._day = day
         while True:
             self._seq += 1
-            path = self.dir / f"{self.prefix}-{day}-{socket.gethostname()}-{os.getpid()}-{self._seq}.jsonl"
+            name = f"{self.prefix}-{day}-{socket.gethostname()}-{os.getpid()}-{self._token}-{self._seq}.jsonl"
+            path = self.dir / name
             try:
                 # "xb": never append to a shard some earlier process (same pid, reused) left behind.
                 self._file = open(path, "xb", buffering=0)

@@ -31,6 +31,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -167,11 +168,25 @@ def card_configs() -> list[dict]:
     ]
 
 
-def _git_blob_id(data: bytes) -> str:
-    """The id the Hub gives a regular file (its ETag): git's blob sha1."""
+def git_blob_id(data: bytes) -> str:
+    """The id the Hub gives a regular file (its ETag, and `blob_id` in listings): git's blob sha1."""
     import hashlib
 
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def dataset_head(api: HfApi, repo_id: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[str, str | None]:
+    """The dataset repo's branch head and its README.md's ETag (None: no card), from one small HEAD request.
+
+    RepositoryNotFoundError when the repo does not exist (or the token may not see it).
+    """
+    url = hf_hub_url(repo_id, "README.md", repo_type="dataset", endpoint=api.endpoint)
+    try:
+        meta = api.get_hf_file_metadata(url=url, timeout=timeout_s)
+        return meta.commit_hash, meta.etag
+    except RemoteEntryNotFoundError as err:
+        head = err.response.headers.get("X-Repo-Commit")
+        return head or api.repo_info(repo_id, repo_type="dataset").sha, None
 
 
 # -- HTTP: a time-out, and errors in one line ------------------------------------------------------
@@ -226,6 +241,10 @@ def is_transient(err: BaseException) -> bool:
 
 def describe_error(err: BaseException, repo_id: str, endpoint: str, timeout_s: float) -> str:
     """One line saying what went wrong and what to do, for logs and the status."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(err, LocalEntryNotFoundError) and err.__cause__ is not None:
+        err = err.__cause__  # a download that found the Hub failing and nothing in the cache: say why it failed
     status = _status_code(err)
     server = ""
     if isinstance(err, HfHubHTTPError):
@@ -260,6 +279,52 @@ def describe_error(err: BaseException, repo_id: str, endpoint: str, timeout_s: f
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else ""
+
+
+class HubCallError(Exception):
+    """A Hub call that failed for good (after its retries): the message is one line; `__cause__` is the last error."""
+
+
+def retrying(
+    call: Callable,
+    describe: Callable[[BaseException], str],
+    *,
+    what: str,
+    waits: tuple[float, ...] = RETRY_WAITS_S,
+    sleep: Callable[[float], object] = time.sleep,
+    cancelled: threading.Event | None = None,
+    on_retry: Callable[[str], None] | None = None,
+    passthrough: tuple[type[BaseException], ...] = (),
+):
+    """`call()`, tried again after each of `waits` while it fails for a passing reason (`is_transient`).
+
+    A Retry-After the Hub sends lengthens the wait (one over MAX_RETRY_AFTER_S gives up at once).
+    Gives up with HubCallError(describe(last error)) when the waits are used up, at once for any
+    other error, or when `cancelled` is set; errors of the `passthrough` types go through untouched.
+    """
+    pending = iter(waits)
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except passthrough:
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure is described, then retried or raised
+            message = describe(err)
+            wait = next(pending, None) if is_transient(err) else None
+            hinted = retry_after_s(err)
+            if hinted is not None and wait is not None:
+                wait = max(wait, hinted) if hinted <= MAX_RETRY_AFTER_S else None
+            if wait is None or (cancelled is not None and cancelled.is_set()):
+                raise HubCallError(message) from err
+            log.warning("%s failed (attempt %d of %d): %s; trying again in %g s", what, attempt, len(waits) + 1,
+                        message, wait)
+            if on_retry is not None:
+                on_retry(message)
+            sleep(wait)
+            if cancelled is not None and cancelled.is_set():
+                raise HubCallError(message) from err
+            attempt += 1
 
 
 # -- the local shards ------------------------------------------------------------------------------
@@ -401,27 +466,21 @@ class FolderPusher:
 
     def _push_batch(self, result: PushResult) -> bool:
         """Commit one batch of new parts, retrying transient failures; True if more is left to send."""
-        waits = iter(self.retry_waits)
-        attempt = 1
-        while True:
-            try:
-                return self._attempt(result)
-            except Exception as err:  # noqa: BLE001 - every failure is described, then retried or raised
-                message = self._redact(describe_error(err, self.repo_id, self.api.endpoint, self.timeout_s))
-                wait = next(waits, None) if is_transient(err) else None
-                hinted = retry_after_s(err)
-                if hinted is not None and wait is not None:
-                    wait = max(wait, hinted) if hinted <= MAX_RETRY_AFTER_S else None
-                if wait is None or self.cancelled.is_set():
-                    raise SyncError(message) from err
-                log.warning("push to %s failed (attempt %d of %d): %s; trying again in %g s",
-                            self.repo_id, attempt, len(self.retry_waits) + 1, message, wait)
-                with self._lock:
-                    self._status.last_error = message
-                self._sleep(wait)
-                if self.cancelled.is_set():
-                    raise SyncError(message) from err
-                attempt += 1
+
+        def retrying_soon(message: str) -> None:
+            with self._lock:
+                self._status.last_error = message
+
+        try:
+            return retrying(
+                lambda: self._attempt(result), self._describe, what=f"push to {self.repo_id}", waits=self.retry_waits,
+                sleep=self._sleep, cancelled=self.cancelled, on_retry=retrying_soon,
+            )
+        except HubCallError as err:
+            raise SyncError(str(err)) from err.__cause__
+
+    def _describe(self, err: BaseException) -> str:
+        return self._redact(describe_error(err, self.repo_id, self.api.endpoint, self.timeout_s))
 
     def _attempt(self, result: PushResult) -> bool:
         head, card_etag = self._head()
@@ -453,7 +512,7 @@ class FolderPusher:
             self._status.last_commit = info.oid
             self._status.last_push_at = _now()
         if card is not None:
-            self._card_ok_etag = _git_blob_id(card.encode())
+            self._card_ok_etag = git_blob_id(card.encode())
             result.card_written = True
         for folder, n in counts.items():
             result.records[folder] += n
@@ -464,13 +523,8 @@ class FolderPusher:
 
     def _head(self, create: bool = True) -> tuple[str, str | None]:
         """The branch head and README.md's ETag (None: no card), from one HEAD request; makes the repo if missing."""
-        url = hf_hub_url(self.repo_id, "README.md", repo_type="dataset", endpoint=self.api.endpoint)
         try:
-            meta = self.api.get_hf_file_metadata(url=url, timeout=self.timeout_s)
-            return meta.commit_hash, meta.etag
-        except RemoteEntryNotFoundError as err:
-            head = err.response.headers.get("X-Repo-Commit")
-            return head or self.api.repo_info(self.repo_id, repo_type="dataset").sha, None
+            return dataset_head(self.api, self.repo_id, self.timeout_s)
         except RepositoryNotFoundError:
             if not create:
                 raise
@@ -494,7 +548,7 @@ class FolderPusher:
         ours = dataset_card(self.repo_id)
         if etag is None:
             return ours
-        if etag in (_git_blob_id(ours.encode()), self._card_ok_etag):
+        if etag in (git_blob_id(ours.encode()), self._card_ok_etag):
             return None
         path = self.api.hf_hub_download(self.repo_id, "README.md", repo_type="dataset", revision=head)
         theirs = DatasetCard(Path(path).read_text(encoding="utf-8"), ignore_metadata_errors=True)
@@ -632,78 +686,3 @@ def start_sync(settings) -> HubSync | None:
         return None
     install_http_timeout()
     return HubSync(settings.dataset_repo, settings.feedback_dir, token=token, every=settings.push_every_minutes)
-
-
-# -- pulling ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class PullResult:
-    """What a pull put in the local folder, and what it could not."""
-
-    folder: Path
-    shards: dict[str, int] = field(default_factory=dict)  # local shard path -> complete lines in it
-    problems: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        lines = sum(self.shards.values())
-        return f"pulled {plural(lines, 'record')} in {plural(len(self.shards), 'shard')} into {self.folder}"
-
-
-def pull(repo_id: str, to: str | Path, token: str | None = None) -> PullResult:
-    """Download the dataset repo and put its part files back together as local shards under `to`."""
-    from huggingface_hub import snapshot_download
-
-    snapshot = snapshot_download(repo_id, repo_type="dataset", token=token, allow_patterns=[f"{f}/*" for f in FOLDERS])
-    return assemble(Path(snapshot), Path(to))
-
-
-def assemble(snapshot: Path, to: Path) -> PullResult:
-    """Join each shard's part files (in order of `start`) into `<to>/<folder>/<stem>.jsonl`.
-
-    A local shard that already holds at least these bytes is kept as it is (it is ahead of the
-    Hub); one that holds a different start is left alone and reported.
-    """
-    result = PullResult(to)
-    shards: dict[tuple[str, str], list[tuple[int, int, Path]]] = {}
-    for path in snapshot.rglob("*.jsonl"):
-        parsed = parse_part(path.relative_to(snapshot).as_posix())
-        if parsed:
-            folder, stem, start, end = parsed
-            shards.setdefault((folder, stem), []).append((start, end, path))
-    for (folder, stem), parts in sorted(shards.items()):
-        data, problems = _join(f"{folder}/{stem}", sorted(parts))
-        result.problems += problems
-        target = to / folder / f"{stem}.jsonl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            local = target.read_bytes()
-            if local.startswith(data):
-                result.shards[str(target)] = local.count(b"\n")
-                continue
-            if not data.startswith(local):
-                result.problems.append(f"{target} differs from the Hub's {folder}/{stem}: left as it is")
-                continue
-        tmp = target.with_name(target.name + ".pull")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-        result.shards[str(target)] = data.count(b"\n")
-    return result
-
-
-def _join(key: str, parts: list[tuple[int, int, Path]]) -> tuple[bytes, list[str]]:
-    """The bytes of one shard from its parts; overlaps are skipped, gaps reported."""
-    out, problems, pos = bytearray(), [], 0
-    for start, end, path in parts:
-        if end <= pos:
-            continue
-        data = path.read_bytes()
-        if len(data) != end - start:
-            problems.append(f"{key}: part {start}-{end} holds {len(data)} bytes: skipped")
-            continue
-        if start > pos:
-            problems.append(f"{key}: bytes {pos}-{start} are not on the Hub")
-            pos = start
-        out += data[pos - start :]
-        pos = end
-    return bytes(out), problems

@@ -108,6 +108,8 @@ def run_command(settings, args) -> int:
     stop_after = None if args.command == "run" else args.command
     try:
         with retrain_lock(lock_path(settings), f"python -m retrain {args.command}"):
+            if args.command in ("run", "merge") and not follow_or_refuse(settings):
+                return 1
             state = run_pipeline(settings, run_id=run_id, stop_after=stop_after)
     except LockHeld as err:
         print(f"flagloop: {err}: try again when its run has finished", file=sys.stderr)
@@ -118,6 +120,23 @@ def run_command(settings, args) -> int:
     print(f"{state.run_id}: {state.stage_done} done, verdict {state.verdict}"
           + (f", version {state.version}" if state.version else "") + (f" — {state.message}" if state.message else ""))
     return 3 if state.verdict == "refused" else 0
+
+
+def follow_or_refuse(settings) -> bool:
+    """Bring the feedback folder up to date from the dataset repo; False (one line said) when that failed
+    and retrain.schedule.on_pull_failure is 'wait'."""
+    from retrain.follow import follow_feedback
+
+    follow = follow_feedback(settings)
+    if follow.ok:
+        return True
+    if settings.retrain.schedule.on_pull_failure == "wait":
+        print(f"flagloop: {follow.message}: not starting a run on it; try again when the Hub answers, or set "
+              "FLAGLOOP_RETRAIN__SCHEDULE__ON_PULL_FAILURE=train to train on the local copy", file=sys.stderr)
+        return False
+    print(f"flagloop: {follow.message}: training on the local copy (retrain.schedule.on_pull_failure = 'train')",
+          file=sys.stderr)
+    return True
 
 
 def show_versions(settings) -> int:
@@ -166,6 +185,7 @@ def schedule_command(settings, args) -> int:
 
 def show_status(settings, runs: int) -> int:
     from retrain.registry import RegistryError
+    from retrain.follow import pull_line
     from retrain.schedule import run_to_resume
     from retrain.status import new_corrections, run_summaries, schedule_info, serving_version
 
@@ -178,14 +198,23 @@ def show_status(settings, runs: int) -> int:
         if info.next_run_time and info.next_run_time.timestamp() < time.time() - 60:
             when += " (overdue: is the scheduler running?)"
         print(f"  job store {info.jobstore}: {info.registered_trigger}, next run {when}")
+    where = f"the Hub repo {settings.registry_repo}" if settings.registry_repo else str(settings.registry_dir)
     try:
-        version = serving_version(settings)
+        if settings.registry_repo:  # what the app follows
+            from retrain.publish import hub_registry
+
+            version = hub_registry(settings).current()
+        else:
+            version = serving_version(settings)
     except RegistryError as err:
         print(f"serving: the registry cannot be read: {err}")
     else:
         print(f"serving: {version.version} ({version.file}, {version.quant}, run {version.run_id or '-'}, "
-              f"published {version.created_at:%Y-%m-%d %H:%M})" if version
-              else f"serving: the configured model (nothing published in {settings.registry_dir})")
+              f"published {version.created_at:%Y-%m-%d %H:%M}) from {where}" if version
+              else f"serving: the configured model (nothing published in {where})")
+    pulled = pull_line(settings)
+    if pulled:
+        print(pulled)
     new = new_corrections(settings)
     since = f"since {new.since_run} ({new.since_verdict})" if new.since_run else "no run finished yet"
     print(f"waiting: {new.count} new accepted corrections, {since}; a run starts at {new.needed}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
@@ -35,6 +34,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
+from feedback.files import write_atomic
 from feedback.reader import BadLine, gc_paused, latest_revisions, parse_jsonl, shard_paths
 from feedback.reviews import newer, review_shard_paths
 from retrain.replay import replay_prompts, self_replay
@@ -515,27 +515,6 @@ def read_pinned(paths: list[Path], model: type[BaseModel], root: Path, records: 
         pinned.append(InputFile(path=path.relative_to(root).as_posix(), sha256=sha256_bytes(data), bytes=len(data)))
         parse_jsonl(data, str(path), model, records, bad)
     return pinned
-
-
-def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write ``data`` (bytes, or chunks of them) to ``path`` whole or not at all, durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in [data] if isinstance(data, bytes) else data:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a full disk, a row that would not serialise: no half file left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
 
 
 def jsonl_chunks(rows: Sequence[BaseModel], per_chunk: int = 1024) -> Iterator[bytes]:

@@ -51,6 +51,7 @@ def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str 
     from retrain import publish as publish_stage
     from retrain import replay
     from retrain import train as train_stage
+    from retrain.follow import pulled_revision
 
     run_id = run_id or new_run_id()
     run_dir = run_dir_of(settings, run_id)
@@ -68,7 +69,9 @@ def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str 
         return state
 
     if not done(state, "merge"):
-        merge_stage.run_merge(settings, run_dir, base=merge_stage.base_of(settings))
+        # The dataset repo's commit the feedback folder was last pulled to: the manifest pins it.
+        merge_stage.run_merge(settings, run_dir, base=merge_stage.base_of(settings),
+                              dataset_revision=pulled_revision(settings))
         finished("merge")
     if stop_after == "merge":
         return state

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from retrain.registry import HubRegistry, LocalRegistry, PublishError, RegistryError, write_durably
 from schemas.registry import GateReport, ModelVersion
-from space.model import sha256_of
 from schemas.run import RunManifest
+from space.model import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,30 @@ def publish_version(settings, run_dir: Path, gguf: Path, manifest: RunManifest, 
     if gate_report is not None and not gate_report.passed:
         raise PublishError(f"run {manifest.run_id} did not pass the gate ({gate_report.reason}): it is not published")
     local = LocalRegistry(settings.registry_dir)
+    hub = hub_registry(settings) if settings.registry_repo else None
+    hub_error = None
+    try:
+        # Another host (or this one before its disk was wiped: HF Jobs) may have published versions
+        # this registry never saw: a new version takes a number after theirs.
+        number = hub.next_number() if hub is not None else 1
+    except RegistryError as err:
+        number, hub_error = 1, err
+    fields = dict(manifest=manifest, base_sha256=manifest.base.sha256, run_id=manifest.run_id,
+                  dataset_revision=manifest.dataset_revision, metrics=metrics or {}, gate=gate_report)
     version = _already_published(local, manifest.run_id, gguf)
     if version is None:
-        version = local.publish(
-            gguf, manifest=manifest, base_sha256=manifest.base.sha256, run_id=manifest.run_id,
-            dataset_revision=manifest.dataset_revision, metrics=metrics or {}, gate=gate_report,
-        )
+        version = local.publish(gguf, min_number=number, **fields)
+    elif hub is not None and hub_error is None and not hub.free_for(version):
+        # Published here while the Hub could not be read, and that number is taken there since.
+        log.warning("the Hub repo %s already has another %s: publishing this run's GGUF again as a new version",
+                    settings.registry_repo, version.version)
+        version = local.publish(local.path_of(version), min_number=number, **fields)
     report = {"version": version.version, "sha256": version.sha256, "local": str(local.path_of(version)), "hub": None}
     _write_report(run_dir, report)
-    if settings.registry_repo:
-        hub = hub_registry(settings)
+    if hub is not None:
         try:
+            if hub_error is not None:
+                raise hub_error
             release = hub.publish(local.path_of(version), version, manifest=manifest)
         except RegistryError as err:  # PublishError, or a read that failed
             raise PublishError(
@@ -62,18 +75,30 @@ def publish_version(settings, run_dir: Path, gguf: Path, manifest: RunManifest, 
 
 
 def rollback(settings, version: str) -> ModelVersion:
-    """Serve an older version again: locally, and on the Hub repo when one is configured."""
+    """Serve an older version again: on the Hub repo when one is configured, and in the local registry.
+
+    With a Hub repo, the local registry may lack the version (another host published it, or this
+    host's disk is new): the Hub is rolled back alone, and the app following it serves that version.
+    """
     local = LocalRegistry(settings.registry_dir)
-    record = local.rollback(version)
-    if settings.registry_repo:
-        try:
-            hub_registry(settings).rollback(version)
-        except RegistryError as err:  # PublishError, or a read that failed
-            raise PublishError(
-                f"the local registry {local.root} serves {version} again, but the Hub repo {settings.registry_repo} "
-                f"still names its old current version: {err}. Run the rollback again."
-            ) from err
-    return record
+    if not settings.registry_repo:
+        return local.rollback(version)
+    try:
+        record = local.get(version)
+    except RegistryError:
+        record = None
+    if record is not None:
+        local.rollback(version)
+    try:
+        hub_registry(settings).rollback(version)
+    except RegistryError as err:  # PublishError, or a read that failed
+        if record is None:
+            raise
+        raise PublishError(
+            f"the local registry {local.root} serves {version} again, but the Hub repo {settings.registry_repo} "
+            f"still names its old current version: {err}. Run the rollback again."
+        ) from err
+    return record if record is not None else hub_registry(settings).get(version)
 
 
 def hub_registry(settings) -> HubRegistry:

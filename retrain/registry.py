@@ -166,8 +166,9 @@ class LocalRegistry:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def publish(self, gguf: Path | str, *, manifest: RunManifest | None = None, **fields) -> ModelVersion:
-        """Add `gguf` as the next version and make it current; return its record.
+    def publish(self, gguf: Path | str, *, manifest: RunManifest | None = None, min_number: int = 1,
+                **fields) -> ModelVersion:
+        """Add `gguf` as the next version (numbered `min_number` at least) and make it current; return its record.
 
         `fields` are ModelVersion's other fields (base_sha256 is required; run_id, dataset_revision,
         metrics, gate; quant when the GGUF header should not decide it). The copy's sha256 and size
@@ -182,7 +183,7 @@ class LocalRegistry:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         with self._publish_lock():
             self._clear_leftovers()
-            number = self._next_number()
+            number = max(self._next_number(), min_number)
             name = f"v{number}"
             tmp = self.versions_dir / f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
             tmp.mkdir()
@@ -334,6 +335,77 @@ class HubRegistry:
         """Every version on the Hub's main branch, oldest first."""
         return [self.get(name) for name in self._version_names()]
 
+    def next_number(self) -> int:
+        """One more than the largest N of the versions on the Hub (1 when none); creates the repo when missing."""
+        self._retrying("create the repo", self._ensure_repo)
+        return max((int(name[1:]) for name in self._version_names()), default=0) + 1
+
+    # -- following it (the app) ------------------------------------------------------------------
+
+    def pointer(self) -> tuple[str, str] | None:
+        """(ETag, commit) of current.json on main, from one small HEAD request; None when nothing is published."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        url = hf_hub_url(self.repo_id, CURRENT, endpoint=self.api.endpoint)
+
+        def head():
+            try:
+                meta = self.api.get_hf_file_metadata(url=url)
+            except (RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+                return None
+            return meta.etag, meta.commit_hash
+
+        return self._retrying(f"read {CURRENT}", head, error=RegistryError)
+
+    def version_at(self, commit: str) -> ModelVersion | None:
+        """The version current.json names at `commit`, read at its tag `vN`; None when that commit has none."""
+        path = self._download(CURRENT, commit)
+        if path is None:
+            return None
+        return self._named(path, lambda name: self._download(f"versions/{name}/{VERSION_FILE}", name))
+
+    def cached_current(self) -> ModelVersion | None:
+        """The current version as the local HF cache last saw it, without a request (the Hub is down)."""
+        from huggingface_hub import try_to_load_from_cache
+
+        def cached(path_in_repo: str, revision: str) -> Path | None:
+            found = try_to_load_from_cache(self.repo_id, path_in_repo, revision=revision)
+            return Path(found) if isinstance(found, str) else None
+
+        path = cached(CURRENT, "main")
+        return None if path is None else self._named(path, lambda name: cached(f"versions/{name}/{VERSION_FILE}", name))
+
+    def download(self, version: ModelVersion, force: bool = False) -> tuple[Path, str]:
+        """A version's GGUF through the HF cache, at its tag: (local path, commit). `force`: download it again.
+
+        Offline (the Hub does not answer) a file already in the cache is returned as it is.
+        """
+        name = version.version
+        path_in_repo = f"versions/{name}/{version.file}"
+        path = Path(self._retrying(
+            f"download {path_in_repo}",
+            lambda: self.api.hf_hub_download(self.repo_id, path_in_repo, revision=name, force_download=force),
+            error=RegistryError,
+        ))
+        # .../snapshots/<commit>/versions/vN/<file>: the commit pins the bytes.
+        return path, path.parents[len(Path(path_in_repo).parts) - 1].name
+
+    def _named(self, pointer: Path, read: Callable[[str], Path | None]) -> ModelVersion | None:
+        """The ModelVersion a current.json file names, its version.json read by `read(name)`."""
+        try:
+            name = json.loads(pointer.read_bytes())["version"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise RegistryError(f"{CURRENT} of the Hub repo {self.repo_id} is not a version pointer ({err})") from err
+        path = read(name) if isinstance(name, str) and VERSION.match(name) else None
+        if path is None:
+            raise RegistryError(f"{CURRENT} of the Hub repo {self.repo_id} names {name!r}, which has no {VERSION_FILE} "
+                                "at its tag: roll back to a complete version")
+        try:
+            return ModelVersion.model_validate_json(path.read_bytes())
+        except ValueError as err:
+            raise RegistryError(f"versions/{name}/{VERSION_FILE} of {self.repo_id} is not a ModelVersion ({err})") from err
+
     def _find(self, version: str, revision: str = "main") -> ModelVersion | None:
         """A version's record at a revision; None when it is not there."""
         if not VERSION.match(version or ""):
@@ -438,6 +510,11 @@ class HubRegistry:
             self.api.create_repo(self.repo_id, repo_type="model", private=True, exist_ok=True)
             log.info("created the private model repo %s", self.repo_id)
 
+    def free_for(self, version: ModelVersion) -> bool:
+        """Whether `version`'s name is unused on the Hub, or used by this very file."""
+        there = self._find(version.version)
+        return there is None or there.sha256 == version.sha256
+
     def _check_free(self, name: str, version: ModelVersion) -> None:
         """Refuse to publish over another file of the same version name (registries out of step)."""
         there = self._find(name)
@@ -471,27 +548,13 @@ class HubRegistry:
 
     def _retrying(self, what: str, call: Callable, error: type[RegistryError] = PublishError):
         """`call()`, tried again after each of retry_waits while it fails for a passing reason."""
-        from feedback.sync import MAX_RETRY_AFTER_S, is_transient, retry_after_s
+        from feedback.sync import HubCallError, retrying
 
-        waits = iter(self.retry_waits)
-        attempt = 1
-        while True:
-            try:
-                return call()
-            except RegistryError:
-                raise
-            except Exception as err:  # noqa: BLE001 - described, then retried or raised as PublishError
-                message = self._describe(err)
-                wait = next(waits, None) if is_transient(err) else None
-                hinted = retry_after_s(err)
-                if hinted is not None and wait is not None:
-                    wait = max(wait, hinted) if hinted <= MAX_RETRY_AFTER_S else None
-                if wait is None:
-                    raise error(f"could not {what} on the Hub repo {self.repo_id}: {message}") from err
-                log.warning("%s on %s failed (attempt %d of %d): %s; trying again in %g s",
-                            what, self.repo_id, attempt, len(self.retry_waits) + 1, message, wait)
-                self._sleep(wait)
-                attempt += 1
+        try:
+            return retrying(call, self._describe, what=f"{what} on {self.repo_id}", waits=self.retry_waits,
+                            sleep=self._sleep, passthrough=(RegistryError,))
+        except HubCallError as err:
+            raise error(f"could not {what} on the Hub repo {self.repo_id}: {err}") from err.__cause__
 
     def _describe(self, err: BaseException) -> str:
         from huggingface_hub import constants

@@ -8,6 +8,8 @@
 
 A tick (`tick`, a plain function) holds the host's retraining lock (retrain/lock.py), then:
 
+0. with a dataset repo, brings the feedback folder up to date from it (retrain/follow.py); when the
+   Hub cannot be reached it waits for the next tick (``retrain.schedule.on_pull_failure``);
 1. the newest run, if it is unfinished (killed, or a stage raised), is continued where it stopped,
    with the settings its manifest pinned: same data, same training configuration;
 2. otherwise it counts the accepted corrections the newest finished run did not see (status.py says
@@ -100,7 +102,16 @@ def tick(settings) -> TickResult:
 
 
 def _tick(settings) -> TickResult:
+    from retrain.follow import follow_feedback
+
     cfg = settings.retrain.schedule
+    follow = follow_feedback(settings)  # with a dataset repo: push this host's decisions, pull the others'
+    if not follow.ok:
+        if cfg.on_pull_failure == "wait":
+            message = f"waiting: {follow.message}; no run until a pull gets through (retrain.schedule.on_pull_failure)"
+            log.warning("%s", message)
+            return TickResult("waiting", message, error=follow.message)
+        log.warning("training on the local copy anyway (retrain.schedule.on_pull_failure = 'train')")
     run_id = run_to_resume(settings)
     if run_id is not None:
         log.info("resuming the interrupted run %s", run_id)
@@ -190,7 +201,7 @@ def run_to_end(settings, run_id: str, action: Literal["started", "resumed"]) -> 
 def mark_failed(settings, run_dir: Path, message: str):
     """End a run as failed, remembering the accepts there are now: the next run waits for new ones
     instead of failing the same way on the same data at every tick."""
-    from retrain.merge import write_atomic
+    from feedback.files import write_atomic
     from retrain.pipeline import read_state, write_state
 
     ids = sorted(accepted_decision_ids(Path(settings.feedback_dir)))

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from schemas.flag import FlagRecord
+from schemas.hub import PullState
 from schemas.registry import ModelVersion
 from schemas.review import ReviewDecision
 from schemas.run import RunManifest, RunState
@@ -18,6 +19,7 @@ SCHEMA_FILES = {
     "run_manifest.schema.json": RunManifest,
     "run_state.schema.json": RunState,
     "model_version.schema.json": ModelVersion,
+    "pull_state.schema.json": PullState,
 }
 HERE = Path(__file__).parent
 

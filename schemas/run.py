@@ -110,6 +110,10 @@ class ScheduleConfig(_Config):
     misfire_grace_seconds: int = Field(3600, ge=1, description="a tick missed (scheduler down) by less than this still runs")
     max_attempts: int = Field(3, ge=1, description="ticks that may fail on one run before it is marked failed")
     jobstore: str | None = Field(None, description="SQLite file of the job store; default: scheduler.sqlite beside runs_dir")
+    on_pull_failure: Literal["wait", "train"] = Field(
+        "wait", description="when the feedback dataset repo cannot be pulled: wait (no run starts or continues until "
+        "a pull gets through; the local copy may lack a reviewer's later reject) or train on the local copy",
+    )
 
 
 class RetrainSettings(_Config):

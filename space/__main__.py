@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported for real in `start`: `python -m space deploy` needs neither gradio nor llama.cpp
     import gradio as gr
 
+    from feedback.restore import Restore
     from feedback.store import FlagStore
     from feedback.sync import HubSync
     from schemas.settings import Settings
@@ -56,11 +57,14 @@ class Started:
     store: FlagStore
     review: ReviewApp
     sync: HubSync | None
+    restore: Restore | None
     watch: RegistryWatch
     demo: gr.Blocks
 
     def close(self) -> None:
         self.watch.stop(timeout=10)
+        if self.restore is not None:
+            self.restore.stop()
         self.store.close()
         self.review.close()
         if self.sync is not None:
@@ -68,24 +72,28 @@ class Started:
 
 
 def start(overrides: dict) -> Started:
-    """Build the app from Settings (overrides first): model, store, review page, Hub sync, registry watch."""
+    """Build the app from Settings (overrides first): model, store, review page, Hub sync and restore, registry watch."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
     from feedback.store import FlagStore
-    from feedback.sync import start_sync
-    from retrain.registry import LocalRegistry
+    from feedback.sync import hub_token, start_sync
     from schemas.errors import describe
     from schemas.settings import Settings
     from space.app import App, build_demo, calm_queue
     from space.model import ModelError
-    from space.registry_watch import RegistryWatch, initial_model, load_version
+    from space.registry_watch import RegistryWatch, initial_model, registry_source
     from space.review import ReviewApp
 
     try:
         settings = Settings(**overrides)
-        registry = LocalRegistry(settings.registry_dir)
-        served, seen = initial_model(settings, registry)  # the registry's current version, else the configured model
+        if settings.registry_repo or settings.dataset_repo:
+            from feedback.sync import install_http_timeout
+
+            install_http_timeout()  # a Hub that never answers fails a request instead of holding a thread forever
+        source = registry_source(settings, token=hub_token(settings))  # the Hub registry with registry_repo set
+        # The registry's current version, else the configured model.
+        served, seen, problem = initial_model(settings, source)
         store = FlagStore(settings.feedback_dir, max_bytes=settings.shard_max_bytes)
         review = ReviewApp(settings)
     except ValidationError as err:
@@ -94,17 +102,40 @@ def start(overrides: dict) -> Started:
         raise StartupError(f"invalid settings: {err}") from err
     except (ModelError, OSError) as err:
         raise StartupError(str(err)) from err
+    restore = start_restore(settings)  # a fresh disk gets its flags and decisions back from the dataset repo
     sync = start_sync(settings)  # None unless a dataset repo and a token are configured
-    if sync is not None:
-        review.sync_status = lambda: sync.status().line()  # reviewers see the last push, pending, last error
+    if sync is not None or restore is not None:
+        review.sync_status = lambda: hub_lines(sync, restore)  # reviewers see the restore, the last push, any error
     app = App(settings, served, store)
     # A new registry version (a publish or a rollback) is loaded in the background and swapped in between answers.
-    watch = RegistryWatch(registry, lambda version: load_version(settings, registry, version), app.swap_model,
-                          every=settings.registry_poll_seconds, seen=seen).start()
+    watch = RegistryWatch(source, app.swap_model, every=settings.registry_poll_seconds, seen=seen,
+                          problem=problem).start()
+    app.model_problem = lambda: watch.problem  # shown on the page's model line
     demo = build_demo(app, review)
     demo.queue(default_concurrency_limit=None)
     calm_queue(demo)
-    return Started(settings, store, review, sync, watch, demo)
+    return Started(settings, store, review, sync, restore, watch, demo)
+
+
+def start_restore(settings) -> Restore | None:
+    """Pull the feedback folder from `dataset_repo` in the background; None without a dataset repo."""
+    if settings.dataset_repo is None:
+        return None
+    from huggingface_hub import HfApi
+
+    from feedback.restore import Restore
+    from feedback.sync import hub_token
+
+    return Restore(HfApi(token=hub_token(settings), library_name="flagloop"), settings.dataset_repo,
+                   settings.feedback_dir).start()
+
+
+def hub_lines(sync, restore) -> str:
+    """The review page's Hub line: the restore while it runs, then the push status."""
+    lines = [restore.line()] if restore is not None and restore.line() else []
+    if sync is not None:
+        lines.append(sync.status().line())
+    return " · ".join(lines) or f"Restored the feedback folder from the Hub dataset {restore.repo_id}"
 
 
 def serve(overrides: dict, check: bool = False) -> int:

@@ -20,7 +20,7 @@ from schemas.settings import Settings
 from space.chat import AnswerContext, ChatInputError, Conversation, Generator, check_message, resolve_seed
 from space.flagging import FlagInputError, answer_label, build_flag, existing_flag, save_message
 from space.model import ServedModel
-from space.review import ReviewApp, mount_review
+from space.review import ReviewApp, md_text, mount_review
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class App:
         self.served = served
         self.store = store
         self.generator = Generator(served.llama, settings.n_ctx, served.identity)
+        self.model_problem = lambda: None  # what keeps the registry's current version from being served, if anything
 
     def swap_model(self, served: ServedModel) -> None:
         """Serve another model (a new registry version) from the next answer on; an answer in flight ends on the old one."""
@@ -205,11 +206,13 @@ class App:
 
 def model_card(app: App) -> str:
     m = app.served.identity
-    where = f"{m.repo}@{(m.revision or '')[:12]}" if m.repo else m.source
-    return (
+    where = f"{html.escape(m.repo)}@{(m.revision or '')[:12]}" if m.repo else m.source
+    line = (
         f"**Model** `{html.escape(m.file)}` · {m.quant} · {where} · sha256 `{m.sha256[:12]}`"
         + (f" · version {html.escape(m.version)}" if m.version else "")
     )
+    problem = app.model_problem()
+    return line + (f"  \n⚠️ {md_text(problem)}" if problem else "")
 
 
 def build_demo(app: App, review: ReviewApp | None = None) -> gr.Blocks:

@@ -77,11 +77,15 @@ answers; reviewers accept, reject or correct the flags on `/review`. Deployed wi
 
 ## Variables
 
-- `FLAGLOOP_DATASET_REPO`: the Hub dataset repo `owner/name` the flags are pushed to (created private if
-  missing). Without it the flags live only in the Space's disk and are lost when it restarts.
-- `FLAGLOOP_MODEL_REPO`, `FLAGLOOP_MODEL_FILE` (and `FLAGLOOP_MODEL_REVISION`): the GGUF to serve. Unset: the
-  embedded SmolLM2-135M-Instruct. To serve a version of the model registry (`FLAGLOOP_REGISTRY_REPO` of the
-  retraining job), point them at that repo, `versions/vN/<file>.gguf` and the tag `vN`.
+- `FLAGLOOP_DATASET_REPO`: the Hub dataset repo `owner/name` the flags and review decisions are pushed to
+  (created private if missing), and restored from when the Space restarts on an empty disk. Without it
+  they live only in the Space's disk and are lost when it restarts.
+- `FLAGLOOP_REGISTRY_REPO`: the Hub model repo the retraining host publishes its versions to. The Space
+  serves its current version (downloaded at start-up, sha256-checked), checks `current.json` every
+  `FLAGLOOP_REGISTRY_POLL_SECONDS` (10) and swaps a new version (or a rollback) in between answers.
+  Unset, or before anything is published: the model below.
+- `FLAGLOOP_MODEL_REPO`, `FLAGLOOP_MODEL_FILE` (and `FLAGLOOP_MODEL_REVISION`): the GGUF to serve when the
+  registry has nothing yet. Unset: the embedded SmolLM2-135M-Instruct.
 - `FLAGLOOP_REVIEWER_ALLOWLIST`: Hugging Face usernames (`a,b,c`) who may open `/review` with
   "Sign in with Hugging Face" (this README turns on `hf_oauth`).
 - `FLAGLOOP_FEEDBACK_DIR` (optional): `/data/feedback` with persistent storage.
@@ -128,17 +132,18 @@ class DeployResult:
 # -- what the Space holds ---------------------------------------------------------------------------
 
 
-def check_repo_id(repo: str) -> str:
-    """The Space's id, checked: 'owner/name' (letters, digits, '-', '_', '.'); DeployError otherwise."""
+def check_repo_id(repo: str, what: str = "Space repo") -> str:
+    """A repo id, checked: 'owner/name' (letters, digits, '-', '_', '.'); DeployError naming `what` otherwise."""
+    flag = "--repo" if what == "Space repo" else f"--{what.removeprefix('FLAGLOOP_').lower().replace('_', '-')}"
     if not isinstance(repo, str) or not REPO_ID.fullmatch(repo) or ".." in repo or repo.endswith((".", "-")):
-        raise DeployError(f"Space repo {repo!r} is not 'owner/name': pass e.g. --repo your-name/flagloop")
+        raise DeployError(f"{what} {repo!r} is not 'owner/name': pass e.g. {flag} your-name/flagloop")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo)
     except HFValidationError as err:
         raise DeployError(
-            f"Space repo {repo!r} is not a valid Hub repo id ({err}): pass e.g. --repo your-name/flagloop"
+            f"{what} {repo!r} is not a valid Hub repo id ({err}): pass e.g. {flag} your-name/flagloop"
         ) from err
     return repo
 
@@ -521,6 +526,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="set a Space secret (repeatable); a bare NAME takes $NAME, e.g. --secret HF_TOKEN")
     parser.add_argument("--variable", action="append", default=[], metavar="NAME=VALUE",
                         help="set a public Space variable (repeatable), e.g. FLAGLOOP_DATASET_REPO=me/flags")
+    parser.add_argument("--dataset-repo", metavar="OWNER/NAME",
+                        help="the feedback dataset repo: sets the variable FLAGLOOP_DATASET_REPO")
+    parser.add_argument("--registry-repo", metavar="OWNER/NAME",
+                        help="the model registry repo the Space follows: sets the variable FLAGLOOP_REGISTRY_REPO")
     parser.add_argument("--message", help="commit message")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the Space's files locally and list them; nothing is sent")
@@ -531,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         repo = check_repo_id(args.repo)
         secrets = parse_assignments(args.secret, "secret")
         variables = parse_assignments(args.variable, "variable")
+        for name, repo_id in (("FLAGLOOP_DATASET_REPO", args.dataset_repo), ("FLAGLOOP_REGISTRY_REPO", args.registry_repo)):
+            if repo_id is not None:
+                variables[name] = check_repo_id(repo_id, what=name)
         if args.dry_run:
             check_setting_names([*secrets, *variables])
             check_public(variables)

@@ -28,6 +28,10 @@ class ModelError(RuntimeError):
     """The configured model cannot be served; the message says what to change."""
 
 
+class ChecksumMismatch(ModelError):
+    """A file's sha256 is not the one its registry record names: it must not be served."""
+
+
 # llama.cpp's file-type numbers (general.file_type) to the names people use (Q4_1, Q8_0, ...).
 FILE_TYPES = {
     getattr(llama_cpp, name): name.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_ALL_")
@@ -159,7 +163,8 @@ class ServedModel:
     identity: ModelIdentity
 
 
-def identify(file: ModelFile, llama: llama_cpp.Llama, version: str | None = None) -> ModelIdentity:
+def identify(file: ModelFile, llama: llama_cpp.Llama, version: str | None = None,
+             sha256: str | None = None) -> ModelIdentity:
     file_type = llama.metadata.get("general.file_type")
     quant = FILE_TYPES.get(int(file_type), f"type{file_type}") if file_type is not None else "unknown"
     return ModelIdentity(
@@ -168,7 +173,7 @@ def identify(file: ModelFile, llama: llama_cpp.Llama, version: str | None = None
         revision=file.revision,
         path=str(file.path),
         file=file.path.name,
-        sha256=sha256_of(file.path),
+        sha256=sha256 or sha256_of(file.path),
         quant=quant,
         version=version,
     )
@@ -181,15 +186,21 @@ def load_model(settings: Settings) -> ServedModel:
 
 def load_file(file: ModelFile, settings: Settings, version: str | None = None,
               expect_sha256: str | None = None) -> ServedModel:
-    """Check and load one GGUF; with `expect_sha256` (a registry version's), refuse a file whose bytes changed."""
-    llama = open_llama(file.path, settings.n_ctx, settings.n_threads)
-    identity = identify(file, llama, version)
-    if expect_sha256 is not None and identity.sha256 != expect_sha256:
-        llama.close()
-        raise ModelError(
-            f"model file {str(file.path)!r} has sha256 {identity.sha256[:12]}…, not the {expect_sha256[:12]}… "
-            f"published as {version}: it changed after publishing; publish it again, or roll back to another version"
+    """Check and load one GGUF; with `expect_sha256` (a registry version's), refuse a file whose bytes differ.
+
+    The bytes are checked before llama.cpp reads any of them: a file that is not what was published
+    (corrupt, cut short, replaced) is never loaded, let alone served.
+    """
+    check_gguf(file.path)
+    sha256 = sha256_of(file.path)
+    if expect_sha256 is not None and sha256 != expect_sha256:
+        raise ChecksumMismatch(
+            f"model file {str(file.path)!r} has sha256 {sha256[:12]}…, not the {expect_sha256[:12]}… "
+            f"published as {version}: it is not the file that was published; publish it again, or roll back to "
+            "another version"
         )
+    llama = open_llama(file.path, settings.n_ctx, settings.n_threads)
+    identity = identify(file, llama, version, sha256=sha256)
     log.info("serving %s%s (%s, sha256 %s…)", identity.path, f" as {version}" if version else "", identity.quant,
              identity.sha256[:12])
     return ServedModel(llama, identity)
