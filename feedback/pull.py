@@ -81,6 +81,8 @@ class PullResult:
         return sum(self.shards.values())
 
     def summary(self) -> str:
+        if not self.commit:
+            return f"nothing to pull: the dataset repo {self.repo} does not exist yet"
         if self.idle:
             return f"nothing new: {self.folder} holds every record of {self.repo} at commit {self.commit[:7]}"
         return (f"pulled {plural(self.records, 'record')} in {plural(len(self.shards), 'shard')} into {self.folder} "
@@ -195,7 +197,11 @@ class _Puller:
         self.timeout_s = timeout_s
 
     def pull(self) -> PullResult:
-        head = self._call("find the dataset repo's head", lambda: dataset_head(self.api, self.repo_id, self.timeout_s)[0])
+        head = self._call("find the dataset repo's head", self._head)
+        if head is None:  # no such repo (yet): the app creates it with its first push
+            result = PullResult(self.folder, self.repo_id, "", idle=True)
+            result.problems.append(f"the dataset repo {self.repo_id} does not exist (yet): nothing to pull")
+            return result
         if self._idle(head):
             write_pull_state(self.folder, self.state.model_copy(update={
                 "attempted_at": datetime.now(timezone.utc), "error": None}))
@@ -216,6 +222,17 @@ class _Puller:
         write_pull_state(self.folder, PullState(repo=self.repo_id, commit=head, pulled_at=now, shards=pulled,
                                                 attempted_at=now, error=None))
         return result
+
+    def _head(self) -> str | None:
+        """The branch head; None when the repo does not exist (404 to a request the Hub accepted the token of)."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            return dataset_head(self.api, self.repo_id, self.timeout_s)[0]
+        except RepositoryNotFoundError as err:
+            if getattr(err.response, "status_code", None) == 404:
+                return None
+            raise
 
     def _idle(self, head: str) -> bool:
         state = self.state

@@ -358,9 +358,10 @@ class HubRegistry:
 
         return self._retrying(f"read {CURRENT}", head, error=RegistryError)
 
-    def version_at(self, commit: str) -> ModelVersion | None:
-        """The version current.json names at `commit`, read at its tag `vN`; None when that commit has none."""
-        path = self._download(CURRENT, commit)
+    def followed_current(self) -> ModelVersion | None:
+        """The version current.json on main names, its version.json read at its tag `vN` (as the GGUF is),
+        both through the HF cache, so that `cached_current` finds them when the Hub is down; None if none."""
+        path = self._download(CURRENT, "main")
         if path is None:
             return None
         return self._named(path, lambda name: self._download(f"versions/{name}/{VERSION_FILE}", name))

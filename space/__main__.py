@@ -144,6 +144,7 @@ def serve(overrides: dict, check: bool = False) -> int:
     `check`: build everything, then stop without serving (the Space's `python app.py --check`).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per Hub request (a registry poll every few s)
     try:
         started = start(overrides)
     except StartupError as err:

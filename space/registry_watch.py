@@ -78,7 +78,7 @@ class HubSource:
             if pointer is None:
                 return None
             if pointer[0] != (self._pointer or ("",))[0]:
-                self._version = self.hub.version_at(pointer[1])
+                self._version = self.hub.followed_current()
                 self._pointer = pointer
         except RegistryError as err:
             raise SourceUnavailable(str(err)) from err
