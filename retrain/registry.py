@@ -65,6 +65,10 @@ class RegistryError(RuntimeError):
     """The registry cannot do what was asked; the message says what is wrong and what to do."""
 
 
+class NotTaggedYet(RegistryError):
+    """current.json names a version whose tag is not there (yet): a publish between its commit and its tag."""
+
+
 class PublishError(RegistryError):
     """A version was not published (or not everywhere it should be); the message says where it is."""
 
@@ -398,10 +402,14 @@ class HubRegistry:
             name = json.loads(pointer.read_bytes())["version"]
         except (ValueError, KeyError, TypeError) as err:
             raise RegistryError(f"{CURRENT} of the Hub repo {self.repo_id} is not a version pointer ({err})") from err
-        path = read(name) if isinstance(name, str) and VERSION.match(name) else None
+        if not isinstance(name, str) or not VERSION.match(name):
+            raise RegistryError(f"{CURRENT} of the Hub repo {self.repo_id} names {name!r}, not a version: roll back "
+                                "to a complete version")
+        path = read(name)
         if path is None:
-            raise RegistryError(f"{CURRENT} of the Hub repo {self.repo_id} names {name!r}, which has no {VERSION_FILE} "
-                                "at its tag: roll back to a complete version")
+            raise NotTaggedYet(f"{CURRENT} of the Hub repo {self.repo_id} names {name}, which has no {VERSION_FILE} "
+                               "at its tag: a publish still under way (its tag comes right after its commit), or a "
+                               "broken registry: roll back to a complete version")
         try:
             return ModelVersion.model_validate_json(path.read_bytes())
         except ValueError as err:

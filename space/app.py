@@ -149,8 +149,9 @@ class App:
             status,
         ]
 
-    def select_answer(self, conv, index):
-        return self.panel(conv or Conversation(), index)
+    def select_answer(self, conv, evt: gr.SelectData):
+        """An answer picked in the Answer list: the panel shows its flag."""
+        return self.panel(conv or Conversation(), evt.value if isinstance(evt.value, int) else None)
 
     def on_chat_select(self, conv, evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
@@ -264,7 +265,9 @@ def build_demo(app: App, review: ReviewApp | None = None) -> gr.Blocks:
             ).success(app.after_answer, [conv], [message, *panel], api_name=False)
         clear.click(app.clear, [conv], chat_outputs, api_name="clear")
         chatbot.clear(app.clear, [conv], chat_outputs, api_name=False)
-        answer.input(app.select_answer, [conv, answer], panel, api_name=False)
+        # `select`, not `input`: the Dropdown (allow_custom_value) also sends `input` when it merely loses focus
+        # or its list is closed, and that stale panel could land after a save and wipe its confirmation.
+        answer.select(app.select_answer, [conv], panel, api_name=False)
         chatbot.select(app.on_chat_select, [conv], panel, api_name=False)
         chatbot.like(app.on_like, [conv], [answer, reasons, comment, correction, thumbs, status], api_name=False,
                      concurrency_limit=None)

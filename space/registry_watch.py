@@ -27,14 +27,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from retrain.registry import HubRegistry, LocalRegistry, RegistryError
+from retrain.registry import HubRegistry, LocalRegistry, NotTaggedYet, RegistryError
 from schemas.registry import ModelVersion
 from schemas.settings import Settings
 from space.model import ChecksumMismatch, ModelError, ModelFile, ServedModel, load_file, load_model
 
 log = logging.getLogger(__name__)
+
+
+UNTAGGED_POLLS = 3  # current.json naming a version with no tag for this many polls: said as a problem
 
 
 class SourceUnavailable(RegistryError):
@@ -70,6 +74,7 @@ class HubSource:
         self.where = f"the Hub model registry {hub.repo_id}"
         self._pointer: tuple[str, str] | None = None  # (ETag, commit) of current.json last read
         self._version: ModelVersion | None = None  # what it named
+        self._untagged = 0  # polls in a row that found current.json naming a version without its tag
 
     def current(self) -> ModelVersion | None:
         """The version current.json on the Hub names: one HEAD request while it is unchanged."""
@@ -78,8 +83,16 @@ class HubSource:
             if pointer is None:
                 return None
             if pointer[0] != (self._pointer or ("",))[0]:
-                self._version = self.hub.followed_current()
-                self._pointer = pointer
+                try:
+                    self._version = self.hub.followed_current()
+                except NotTaggedYet:
+                    # Caught between a publish's commit and its tag: the next poll reads it again.
+                    self._untagged += 1
+                    if self._untagged < UNTAGGED_POLLS:
+                        log.info("the Hub registry's current.json names a version not tagged yet: next poll")
+                        return self._version
+                    raise
+                self._pointer, self._untagged = pointer, 0
         except RegistryError as err:
             raise SourceUnavailable(str(err)) from err
         return self._version
@@ -94,10 +107,13 @@ class HubSource:
     def load(self, version: ModelVersion) -> ServedModel:
         """Download (or take from the cache) one version's GGUF at its tag, check its sha256, load it."""
         for force in (False, True):
+            started = time.monotonic()
             try:
                 path, commit = self.hub.download(version, force=force)
             except RegistryError as err:
                 raise SourceUnavailable(str(err)) from err
+            log.info("fetched %s of %s (%.0f MB, commit %s) in %.1f s", version.version, self.hub.repo_id,
+                     version.bytes / 1e6, commit[:12], time.monotonic() - started)
             try:
                 return load_file(ModelFile(path, "hub", repo=self.hub.repo_id, revision=commit), self.settings,
                                  version=version.version, expect_sha256=version.sha256)

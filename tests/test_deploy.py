@@ -234,6 +234,21 @@ def test_secrets_and_variables_are_set_and_secret_values_never_printed(hub, caps
     assert order[-1].endswith("/commit/main") and len(order) == 4
 
 
+def test_the_space_is_told_which_dataset_and_registry_to_follow_and_its_readme_lists_them(hub, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code, out, err = cli(capsys, "--repo", REPO, "--secret", "HF_TOKEN", "--dataset-repo", "flagloop-tester/flags",
+                         "--registry-repo", "flagloop-tester/model")
+
+    assert code == 0, err
+    assert hub.repo(REPO, "space").variables == {"FLAGLOOP_DATASET_REPO": "flagloop-tester/flags",
+                                                 "FLAGLOOP_REGISTRY_REPO": "flagloop-tester/model"}
+    readme = hub.files(REPO, "space")["README.md"].decode()
+    assert "`FLAGLOOP_REGISTRY_REPO`" in readme and "restored from when the Space restarts" in readme
+    bad, _, why = cli(capsys, "--repo", REPO, "--registry-repo", "not a repo")
+    assert bad == 2 and "FLAGLOOP_REGISTRY_REPO 'not a repo' is not 'owner/name'" in why
+    assert "--registry-repo your-name/flagloop" in why
+
+
 def test_dry_run_lists_the_files_and_sends_nothing(hub, capsys):
     code, out, err = cli(capsys, "--repo", REPO, "--dry-run", "--secret", "HF_TOKEN=hf_dryRUNsecret")
 

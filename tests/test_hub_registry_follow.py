@@ -161,3 +161,26 @@ def test_at_start_up_the_hub_down_serves_the_cached_version_or_the_configured_mo
     assert (cached.identity.version, cached.identity.sha256, cached.identity.source) == ("v1", v1.version.sha256, "hub")
     assert seen == ("v1", v1.version.sha256) and "cannot be read" in problem
     cached.llama.close()
+
+
+def test_a_version_caught_between_its_commit_and_its_tag_is_taken_once_tagged(hub, tmp_path, q8):
+    from retrain.registry import PublishError
+
+    publish(embedded_model_path(), "v1")
+    settings = settings_for(tmp_path)
+    source = registry_source(settings)
+    served, seen, _ = initial_model(settings, source)
+    served.llama.close()
+    swaps = Swaps()
+    watch = RegistryWatch(source, swaps, every=1.0, seen=seen)
+
+    hub.fail(503, methods=("POST",), path="/tag/")  # the publish's commit lands, its tag does not (yet)
+    version = ModelVersion(version="v2", file=q8.name, sha256=sha256_of(q8), bytes=q8.stat().st_size, quant="Q8_0",
+                           base_sha256="0" * 64, run_id="run-v2")
+    with pytest.raises(PublishError):
+        HubRegistry(REPO, retry_waits=()).publish(q8, version)
+    assert watch.poll() is None and swaps == [] and watch.problem is None  # not a problem: a publish under way
+
+    hub.reset()
+    HubRegistry(REPO).publish(q8, version)  # the publish stage run again: no new commit, the tag
+    assert watch.poll() == "v2" and swaps[-1].sha256 == version.sha256

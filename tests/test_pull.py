@@ -7,6 +7,7 @@ FolderPusher, as the app pushes them.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -199,3 +200,46 @@ def test_the_state_file_is_a_pull_state_and_a_pull_from_another_repo_checks_ever
     moved = pull_folder(api(), other, to)
     assert not moved.idle and moved.records == 0 and read_pull_state(to).repo == other
     store.close()
+
+
+# -- the app's restore at start-up -----------------------------------------------------------------------
+
+
+def test_the_restore_retries_while_the_hub_is_down_says_so_and_completes_when_it_is_back(hub, tmp_path):
+    from feedback.restore import Restore
+    from space.__main__ import hub_lines
+
+    root, store = pushed_folder(tmp_path)
+    fresh = tmp_path / "space-restarted"
+    hub.fail(503)
+    restore = Restore(api(), REPO, fresh, retry_waits=(0.05,)).start()
+    try:
+        deadline = time.monotonic() + 30
+        while restore.attempts < 2:
+            assert time.monotonic() < deadline, restore.line()
+            time.sleep(0.02)
+        line = hub_lines(None, restore)
+        assert line.startswith(f"Restoring the flags and review decisions from the Hub dataset {REPO}…")
+        assert "failed" in line and "503" in line and not restore.done.is_set()
+        assert source_shards(fresh) == {}
+
+        hub.reset()
+        assert restore.done.wait(30), restore.line()
+    finally:
+        restore.stop()
+    assert restore.line() is None and restore.result.records == 9
+    assert source_shards(fresh) == source_shards(root)
+    assert hub_lines(None, restore) == f"Restored the feedback folder from the Hub dataset {REPO}"
+    store.close()
+
+
+def test_new_shards_never_take_the_name_of_a_restored_one(hub, tmp_path):
+    """A container restarts with the same host name and pid: the random token keeps the names apart."""
+    root, store = pushed_folder(tmp_path)
+    store.close()
+    names = {p.name for p in shard_paths(root)}
+    again = FlagStore(root)  # the same process (host, pid) writing again
+    save(again, 1)
+    again.close()
+    assert len({p.name for p in shard_paths(root)} - names) == 1
+    assert all(re.fullmatch(r"flags-\d{8}-.+-\d+-[0-9a-f]{6}-\d+\.jsonl", n) for n in names)
