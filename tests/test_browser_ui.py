@@ -15,6 +15,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 from feedback.reader import latest_flags, shard_paths  # noqa: E402
+from schemas.flag import GenerationSettings  # noqa: E402
 from tests.browser import CHROMIUM, bait_server, browser  # noqa: E402,F401 (fixtures)
 
 MAX_NEW_TOKENS = 16  # short answers keep each turn well under a second on 2 CPU threads
@@ -61,9 +62,16 @@ def set_generation(page, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = SEED)
     """Open the Generation accordion and type the max-new-tokens and seed values."""
     page.get_by_role("button", name="Generation").click()
     tokens = page.locator('input[aria-label="number input for Max new tokens"]')
+    seed_box = page.locator('input[aria-label="Seed (-1: random)"]')
+    # The accordion mounts its fields when it is first opened, and each field's binding then writes
+    # its initial value into it: a value typed in before that is overwritten (a flag then recorded
+    # max_new_tokens 256; 4 of 30 page loads did so here). Their initial values showing means the
+    # bindings ran.
+    defaults = GenerationSettings()
+    expect(tokens).to_have_value(str(defaults.max_new_tokens))
+    expect(seed_box).to_have_value(str(defaults.seed))
     tokens.fill(str(max_new_tokens))
     tokens.press("Enter")
-    seed_box = page.locator('input[aria-label="Seed (-1: random)"]')
     seed_box.fill(str(seed))
     seed_box.press("Tab")
 

@@ -122,6 +122,7 @@ def review_page(browser, url: str):
     page = context.new_page()
     page.goto(url + "review")
     field = page.locator("#review-username textarea, #review-username input").first
+    expect(field).to_be_visible()
     field.fill("ana")
     password = page.locator("#review-password textarea, #review-password input").first
     password.fill(PASSWORD)
