@@ -22,7 +22,8 @@ import logging
 import re
 from pathlib import Path
 
-from retrain.registry import HubRegistry, LocalRegistry, PublishError, RegistryError, write_durably
+from feedback.files import write_atomic
+from retrain.registry import HubRegistry, LocalRegistry, PublishError, RegistryError
 from schemas.registry import GateReport, ModelVersion
 from schemas.run import RunManifest
 from space.model import sha256_of
@@ -138,4 +139,4 @@ def _already_published(local: LocalRegistry, run_id: str, gguf: Path) -> ModelVe
 
 def _write_report(run_dir: Path, report: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_durably(run_dir / REPORT, json.dumps(report, indent=2).encode() + b"\n")
+    write_atomic(run_dir / REPORT, json.dumps(report, indent=2).encode() + b"\n")

@@ -38,12 +38,12 @@ import re
 import shutil
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from feedback.files import fsync_dir, write_atomic
 from retrain.gguf_file import quant_name
 from retrain.model_card import model_card
 from schemas.registry import ModelVersion
@@ -74,30 +74,6 @@ class PublishError(RegistryError):
 
 
 # -- small file-system helpers ---------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically: readers see the old bytes or the new ones, never a mix."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def copy_and_hash(src: Path, dst: Path) -> tuple[str, int]:
@@ -195,8 +171,8 @@ class LocalRegistry:
                 sha256, size = copy_and_hash(gguf, tmp / gguf.name)
                 record = ModelVersion(version=name, file=gguf.name, sha256=sha256, bytes=size, quant=quant, **fields)
                 if manifest is not None:
-                    write_durably(tmp / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
-                write_durably(tmp / VERSION_FILE, record.model_dump_json(indent=2).encode())  # last: it completes the folder
+                    write_atomic(tmp / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+                write_atomic(tmp / VERSION_FILE, record.model_dump_json(indent=2).encode())  # last: it completes the folder
                 os.rename(tmp, self.versions_dir / name)
                 fsync_dir(self.versions_dir)
             except BaseException:
@@ -242,7 +218,7 @@ class LocalRegistry:
         return max(numbers, default=0) + 1
 
     def _point_at(self, name: str) -> None:
-        write_durably(self.root / CURRENT, json.dumps({"version": name}).encode() + b"\n")
+        write_atomic(self.root / CURRENT, json.dumps({"version": name}).encode() + b"\n")
 
     def _mark_failed(self, tmp: Path, number: int) -> None:
         """Free a failed publish's bytes but keep its number taken (an empty `.vN.failed` folder)."""

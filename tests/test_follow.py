@@ -24,6 +24,7 @@ from huggingface_hub.utils._http import default_client_factory
 from feedback.pull import pull_folder, read_pull_state
 from feedback.reviews import ReviewStore
 from feedback.sync import FolderPusher, parse_part
+from retrain.follow import follow_feedback
 from retrain.pipeline import read_manifest, run_pipeline
 from retrain.schedule import tick
 from schemas.review import ReviewDecision
@@ -191,3 +192,13 @@ def test_a_tick_killed_during_its_pull_is_completed_by_the_next_and_the_merge_pi
     assert manifest.dataset_repo == REPO and manifest.dataset_revision == head
     assert manifest.counts["flags"] == 4 and manifest.counts["accepted"] == 4
     assert sorted(manifest.flag_ids) == sorted(d.flag_id for d in [*first_half, *second_half])
+
+    # More arrives and is pulled; the run, continued, still reads what its merge pinned.
+    pinned = {f.path: (b / "runs" / state.run_id / f.path).read_bytes() for f in manifest.outputs}
+    accept(app, "Is water wet?", "Yes, water makes things wet.")
+    FolderPusher(HfApi(token=TOKEN), REPO, app).push()
+    assert follow_feedback(settings).ok  # what a tick does first (this one would go on to resume the run)
+    assert read_pull_state(b / "feedback").commit != manifest.dataset_revision
+    again = run_pipeline(settings, run_id=state.run_id, stop_after="merge")
+    assert again.stage_done == "merge" and read_manifest(b / "runs" / state.run_id) == manifest
+    assert {p: (b / "runs" / state.run_id / p).read_bytes() for p in pinned} == pinned

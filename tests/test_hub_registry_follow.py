@@ -57,6 +57,16 @@ class Swaps(list):
         served.llama.close()
 
 
+def watching_v1(tmp_path: Path) -> tuple[RegistryWatch, Swaps]:
+    """The app's watch as start-up leaves it, serving v1 from the Hub, and the swaps it makes from then on."""
+    settings = settings_for(tmp_path)
+    source = registry_source(settings)
+    served, seen, _ = initial_model(settings, source)
+    served.llama.close()
+    swaps = Swaps()
+    return RegistryWatch(source, swaps, every=1.0, seen=seen), swaps
+
+
 def requests_since(hub, n: int) -> list[tuple[str, str]]:
     return [(r.method, r.path.split("?")[0]) for r in hub.requests[n:]]
 
@@ -95,12 +105,7 @@ def test_the_app_serves_the_hubs_current_version_and_follows_a_publish_and_a_rol
 
 def test_the_hub_down_keeps_the_model_served_says_so_once_and_the_watch_catches_up(hub, tmp_path, q8, caplog):
     v1 = publish(embedded_model_path(), "v1")
-    settings = settings_for(tmp_path)
-    source = registry_source(settings)
-    served, seen, _ = initial_model(settings, source)
-    served.llama.close()
-    swaps = Swaps()
-    watch = RegistryWatch(source, swaps, every=1.0, seen=seen)
+    watch, swaps = watching_v1(tmp_path)
     v2 = publish(q8, "v2")
 
     hub.fail(503)
@@ -125,12 +130,7 @@ def test_the_hub_down_keeps_the_model_served_says_so_once_and_the_watch_catches_
 
 def test_a_file_whose_sha256_is_not_its_records_is_refused_and_never_served(hub, tmp_path, q8):
     publish(embedded_model_path(), "v1")
-    settings = settings_for(tmp_path)
-    source = registry_source(settings)
-    served, seen, _ = initial_model(settings, source)
-    served.llama.close()
-    swaps = Swaps()
-    watch = RegistryWatch(source, swaps, every=1.0, seen=seen)
+    watch, swaps = watching_v1(tmp_path)
 
     publish(q8, "v2", sha256="e" * 64)  # its version.json names other bytes than the file on the Hub
     before = len(hub.requests)
@@ -167,12 +167,7 @@ def test_a_version_caught_between_its_commit_and_its_tag_is_taken_once_tagged(hu
     from retrain.registry import PublishError
 
     publish(embedded_model_path(), "v1")
-    settings = settings_for(tmp_path)
-    source = registry_source(settings)
-    served, seen, _ = initial_model(settings, source)
-    served.llama.close()
-    swaps = Swaps()
-    watch = RegistryWatch(source, swaps, every=1.0, seen=seen)
+    watch, swaps = watching_v1(tmp_path)
 
     hub.fail(503, methods=("POST",), path="/tag/")  # the publish's commit lands, its tag does not (yet)
     version = ModelVersion(version="v2", file=q8.name, sha256=sha256_of(q8), bytes=q8.stat().st_size, quant="Q8_0",
@@ -184,3 +179,19 @@ def test_a_version_caught_between_its_commit_and_its_tag_is_taken_once_tagged(hu
     hub.reset()
     HubRegistry(REPO).publish(q8, version)  # the publish stage run again: no new commit, the tag
     assert watch.poll() == "v2" and swaps[-1].sha256 == version.sha256
+
+
+def test_the_pages_model_line_names_the_hub_version_and_says_what_keeps_a_new_one_from_being_served():
+    from types import SimpleNamespace
+
+    from schemas.flag import ModelIdentity
+    from space.app import model_card
+
+    identity = ModelIdentity(source="hub", repo=REPO, revision="a" * 40, path="/cache/x.gguf", file="model.gguf",
+                             sha256="b" * 64, quant="Q8_0", version="v2")
+    app = SimpleNamespace(served=SimpleNamespace(identity=identity), model_problem=lambda: None)
+    line = model_card(app)
+    assert f"{REPO}@aaaaaaaaaaaa" in line and "version v2" in line and "⚠" not in line
+    app.model_problem = lambda: "registry version v3 cannot be fetched now (the Hub answered 503: <b>down</b>)"
+    line = model_card(app)
+    assert "⚠️ registry version v3 cannot be fetched now" in line and "<b>" not in line and "&lt;b&gt;" in line

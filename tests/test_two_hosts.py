@@ -234,7 +234,7 @@ def test_corrections_accepted_on_the_app_are_trained_on_the_other_host_and_serve
     assert hashlib.sha256(published[f"versions/v2/{v2.file}"]).hexdigest() == v2.sha256
     status = loop["b_status"].stdout
     assert loop["b_status"].returncode == 0 and f"feedback: follows {DATASET}" in status, status
-    assert f"serving: v2 (" in status and f"from the Hub repo {REGISTRY}" in status, status
+    assert "serving: v2 (" in status and f"from the Hub repo {REGISTRY}" in status, status
 
     assert loop["rollback"].returncode == 0, loop["rollback"].stderr
     assert loop["rollback"].stdout.startswith("v1 is current")
