@@ -190,7 +190,7 @@ class _Part:
 
 
 class _Puller:
-    """One pull (see pull_folder): the Hub calls with their retries, and the shard-by-shard work."""
+    """One pull (see pull_folder): the Hub calls, each failure said in one line, and the shard-by-shard work."""
 
     def __init__(self, api, repo_id, folder, state, timeout_s):
         self.api, self.repo_id, self.folder, self.state = api, repo_id, folder, state

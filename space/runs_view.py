@@ -70,14 +70,24 @@ def empty_frame(columns) -> pd.DataFrame:
 
 # --- the serving version, the schedule, the corrections waiting ----------------------------------
 def serving_line(settings) -> str:
-    """The version the registry serves, where it came from, and its gate verdict, in one line."""
+    """The version the registry serves, where it came from, and its gate verdict, in one line.
+
+    With `registry_repo` (the app follows the Hub): its current version as the app's HF cache last
+    saw it, without a request, so the tab opens at once even when the Hub is down.
+    """
+    where = f"the Hub registry {settings.registry_repo}" if settings.registry_repo else str(settings.registry_dir)
     try:
-        version = serving_version(settings)
+        if settings.registry_repo:
+            from retrain.registry import HubRegistry
+
+            version = HubRegistry(settings.registry_repo).cached_current()
+        else:
+            version = serving_version(settings)
     except Exception as err:  # a half-written current.json or version.json: say so, the rest of the tab still shows
-        log.warning("the registry %s cannot be read: %s", settings.registry_dir, err)
-        return f"the registry {settings.registry_dir} cannot be read ({_problem(err)})"
+        log.warning("the registry %s cannot be read: %s", where, err)
+        return f"the registry {where} cannot be read ({_problem(err)})"
     if version is None:
-        return f"the configured model (nothing published yet in {settings.registry_dir})"
+        return f"the configured model (nothing published yet in {where})"
     parts = [version.version, version.file, version.quant,
              f"from run {version.run_id}" if version.run_id else "not from a run",
              f"published {version.created_at:%Y-%m-%d %H:%M} UTC"]

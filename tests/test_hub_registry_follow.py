@@ -195,3 +195,16 @@ def test_the_pages_model_line_names_the_hub_version_and_says_what_keeps_a_new_on
     app.model_problem = lambda: "registry version v3 cannot be fetched now (the Hub answered 503: <b>down</b>)"
     line = model_card(app)
     assert "⚠️ registry version v3 cannot be fetched now" in line and "<b>" not in line and "&lt;b&gt;" in line
+
+
+def test_the_retraining_tab_shows_the_hub_version_the_app_follows_without_asking_the_hub(hub, tmp_path):
+    from space.runs_view import serving_line
+
+    settings = settings_for(tmp_path)
+    assert serving_line(settings) == f"the configured model (nothing published yet in the Hub registry {REPO})"
+    publish(embedded_model_path(), "v1")
+    watching_v1(tmp_path)  # the app's start-up read current.json and v1 through the HF cache
+    hub.fail(503)
+    before = len(hub.requests)
+    assert serving_line(settings).startswith("v1 · SmolLM2-135M-Instruct.Q4_1.gguf · Q4_1 · from run run-v1")
+    assert len(hub.requests) == before
