@@ -44,24 +44,24 @@ REPO = "flagloop-bench/follow-model"
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
-def log_time(log: Path, text: str, after: float) -> float | None:
-    """The time (epoch seconds) of the first app log line after `after` that contains `text`."""
+def log_lines(log: Path, after: float):
+    """(epoch seconds, line) of each app log line stamped at or after `after`."""
     for line in log.read_text(errors="replace").splitlines():
-        m = STAMP.match(line)
-        if m and text in line:
+        if (m := STAMP.match(line)) is not None:
             at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             if at >= after - 0.01:
-                return at
-    return None
+                yield at, line
+
+
+def log_time(log: Path, text: str, after: float) -> float | None:
+    """The time of the first app log line after `after` that contains `text`."""
+    return next((at for at, line in log_lines(log, after) if text in line), None)
 
 
 def fetched_seconds(log: Path, version: str, after: float) -> float:
-    for line in log.read_text(errors="replace").splitlines():
-        m = STAMP.match(line)
-        if m and f"fetched {version} of" in line and datetime.strptime(
-                m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() >= after - 0.01:
-            return float(re.search(r" in ([\d.]+) s$", line).group(1))
-    return 0.0  # not fetched: it was in the cache (the log says so only when a download ran)
+    """How long the app's download of `version` took, from its `fetched ...` log line (0 if none)."""
+    line = next((line for _, line in log_lines(log, after) if f"fetched {version} of" in line), None)
+    return float(re.search(r" in ([\d.]+) s$", line).group(1)) if line else 0.0
 
 
 def publish(path: Path, name: str):

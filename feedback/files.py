@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -42,3 +44,19 @@ def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
 def leftover_temp_files(folder: Path) -> list[Path]:
     """The temporary files `write_atomic` left in `folder` when its process was killed mid-write."""
     return [p for p in Path(folder).glob(".*.tmp*") if p.is_file()]
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an flock on the file `path` (made if missing) for the block, waiting for another holder.
+
+    One writer at a time across processes; the kernel drops the lock when its process dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

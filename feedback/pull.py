@@ -29,13 +29,11 @@ call `pull_folder`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import shutil
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +41,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
-from feedback.files import leftover_temp_files, write_atomic
+from feedback.files import exclusive_lock, leftover_temp_files, write_atomic
 from feedback.sync import (
     FOLDERS,
     HTTP_TIMEOUT_S,
@@ -138,7 +136,7 @@ def pull_folder(api: HfApi, repo_id: str, folder: str | Path, *, timeout_s: floa
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with _pull_lock(folder):
+    with exclusive_lock(folder / LOCK_FILE):
         clear_leftovers(folder)
         state = read_pull_state(folder)
         if state is not None and state.repo != repo_id:
@@ -162,16 +160,6 @@ def _failed(state: PullState | None, repo_id: str, error: str) -> PullState:
     if state is None:
         return PullState(repo=repo_id, attempted_at=now, error=error)
     return state.model_copy(update={"attempted_at": now, "error": error})
-
-
-@contextmanager
-def _pull_lock(folder: Path):
-    with open(folder / LOCK_FILE, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass

@@ -91,7 +91,7 @@ def rollback(settings, version: str) -> ModelVersion:
     if record is not None:
         local.rollback(version)
     try:
-        hub_registry(settings).rollback(version)
+        release = hub_registry(settings).rollback(version)
     except RegistryError as err:  # PublishError, or a read that failed
         if record is None:
             raise
@@ -99,7 +99,7 @@ def rollback(settings, version: str) -> ModelVersion:
             f"the local registry {local.root} serves {version} again, but the Hub repo {settings.registry_repo} "
             f"still names its old current version: {err}. Run the rollback again."
         ) from err
-    return record if record is not None else hub_registry(settings).get(version)
+    return record if record is not None else release.version
 
 
 def hub_registry(settings) -> HubRegistry:

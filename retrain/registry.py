@@ -29,7 +29,6 @@ gets that version's bytes forever. A rollback is a commit rewriting current.json
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,11 +38,10 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from feedback.files import fsync_dir, write_atomic
+from feedback.files import exclusive_lock, fsync_dir, write_atomic
 from retrain.gguf_file import quant_name
 from retrain.model_card import model_card
 from schemas.registry import ModelVersion
@@ -66,7 +64,7 @@ class RegistryError(RuntimeError):
 
 
 class NotTaggedYet(RegistryError):
-    """current.json names a version whose tag is not there (yet): a publish between its commit and its tag."""
+    """A version on the Hub without its tag (yet): a publish between its commit and its tag."""
 
 
 class PublishError(RegistryError):
@@ -237,15 +235,8 @@ class LocalRegistry:
                 log.warning("removing %s, left by a publish that was killed", path)
                 self._mark_failed(path, int(m.group(1)))
 
-    @contextmanager
     def _publish_lock(self):
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return exclusive_lock(self.root / LOCK_FILE)
 
 
 # -- the Hub registry ------------------------------------------------------------------------------
@@ -299,9 +290,8 @@ class HubRegistry:
         path = self._download(CURRENT)
         if path is None:
             return None
-        name = json.loads(path.read_bytes())["version"]
-        commit = path.parent.name  # .../snapshots/<commit>/current.json: read the version at the same commit
-        return self.get(name, revision=commit)
+        # .../snapshots/<commit>/current.json: read the version at the same commit.
+        return self.get(self._pointer_name(path), revision=path.parent.name)
 
     def get(self, version: str, revision: str = "main") -> ModelVersion:
         """One version's record on the Hub; RegistryError naming the known versions if there is none."""
@@ -338,42 +328,48 @@ class HubRegistry:
 
         return self._retrying(f"read {CURRENT}", head, error=RegistryError)
 
-    def followed_current(self) -> ModelVersion | None:
-        """The version current.json on main names, its version.json read at its tag `vN` (as the GGUF is),
-        both through the HF cache, so that `cached_current` finds them when the Hub is down; None if none."""
-        path = self._download(CURRENT, "main")
-        if path is None:
-            return None
-        return self._named(path, lambda name: self._download(f"versions/{name}/{VERSION_FILE}", name))
-
     def cached_current(self) -> ModelVersion | None:
-        """The current version as the local HF cache last saw it, without a request (the Hub is down)."""
+        """The current version as the local HF cache last saw it (`current` read it), without a request."""
         from huggingface_hub import try_to_load_from_cache
 
         def cached(path_in_repo: str, revision: str) -> Path | None:
             found = try_to_load_from_cache(self.repo_id, path_in_repo, revision=revision)
             return Path(found) if isinstance(found, str) else None
 
-        path = cached(CURRENT, "main")
-        return None if path is None else self._named(path, lambda name: cached(f"versions/{name}/{VERSION_FILE}", name))
+        pointer = cached(CURRENT, "main")
+        if pointer is None:
+            return None
+        record = cached(f"versions/{self._pointer_name(pointer)}/{VERSION_FILE}", pointer.parent.name)
+        try:
+            return None if record is None else ModelVersion.model_validate_json(record.read_bytes())
+        except ValueError as err:
+            raise RegistryError(f"the cached {record} is not a ModelVersion ({err})") from err
 
     def download(self, version: ModelVersion, force: bool = False) -> tuple[Path, str]:
         """A version's GGUF through the HF cache, at its tag: (local path, commit). `force`: download it again.
 
         Offline (the Hub does not answer) a file already in the cache is returned as it is.
         """
+        from huggingface_hub.errors import RevisionNotFoundError
+
         name = version.version
         path_in_repo = f"versions/{name}/{version.file}"
-        path = Path(self._retrying(
-            f"download {path_in_repo}",
-            lambda: self.api.hf_hub_download(self.repo_id, path_in_repo, revision=name, force_download=force),
-            error=RegistryError,
-        ))
+        try:
+            path = Path(self._retrying(
+                f"download {path_in_repo}",
+                lambda: self.api.hf_hub_download(self.repo_id, path_in_repo, revision=name, force_download=force),
+                error=RegistryError,
+            ))
+        except RegistryError as err:
+            if isinstance(err.__cause__, RevisionNotFoundError):
+                raise NotTaggedYet(f"{name} of the Hub repo {self.repo_id} has no tag {name} yet: a publish still "
+                                   "under way (its tag comes right after its commit), or a broken registry") from err
+            raise
         # .../snapshots/<commit>/versions/vN/<file>: the commit pins the bytes.
         return path, path.parents[len(Path(path_in_repo).parts) - 1].name
 
-    def _named(self, pointer: Path, read: Callable[[str], Path | None]) -> ModelVersion | None:
-        """The ModelVersion a current.json file names, its version.json read by `read(name)`."""
+    def _pointer_name(self, pointer: Path) -> str:
+        """The version a current.json file names; RegistryError when it names none."""
         try:
             name = json.loads(pointer.read_bytes())["version"]
         except (ValueError, KeyError, TypeError) as err:
@@ -381,15 +377,7 @@ class HubRegistry:
         if not isinstance(name, str) or not VERSION.match(name):
             raise RegistryError(f"{CURRENT} of the Hub repo {self.repo_id} names {name!r}, not a version: roll back "
                                 "to a complete version")
-        path = read(name)
-        if path is None:
-            raise NotTaggedYet(f"{CURRENT} of the Hub repo {self.repo_id} names {name}, which has no {VERSION_FILE} "
-                               "at its tag: a publish still under way (its tag comes right after its commit), or a "
-                               "broken registry: roll back to a complete version")
-        try:
-            return ModelVersion.model_validate_json(path.read_bytes())
-        except ValueError as err:
-            raise RegistryError(f"versions/{name}/{VERSION_FILE} of {self.repo_id} is not a ModelVersion ({err})") from err
+        return name
 
     def _find(self, version: str, revision: str = "main") -> ModelVersion | None:
         """A version's record at a revision; None when it is not there."""

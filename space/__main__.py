@@ -132,7 +132,8 @@ def start_restore(settings) -> Restore | None:
 
 def hub_lines(sync, restore) -> str:
     """The review page's Hub line: the restore while it runs, then the push status."""
-    lines = [restore.line()] if restore is not None and restore.line() else []
+    restoring = restore.line() if restore is not None else None
+    lines = [restoring] if restoring else []
     if sync is not None:
         lines.append(sync.status().line())
     return " · ".join(lines) or f"Restored the feedback folder from the Hub dataset {restore.repo_id}"

@@ -38,11 +38,15 @@ from space.model import ChecksumMismatch, ModelError, ModelFile, ServedModel, lo
 log = logging.getLogger(__name__)
 
 
-UNTAGGED_POLLS = 3  # current.json naming a version with no tag for this many polls: said as a problem
+UNTAGGED_POLLS = 3  # a current version still without its tag after this many polls: said as a problem
 
 
 class SourceUnavailable(RegistryError):
     """The registry could not be read or its file fetched now (the Hub is down): try again later."""
+
+
+class NotYet(SourceUnavailable):
+    """The version is not complete on the Hub yet (its tag is coming): try again at the next poll, nothing to say."""
 
 
 class LocalSource:
@@ -72,9 +76,9 @@ class HubSource:
         self.settings = settings
         self.hub = hub
         self.where = f"the Hub model registry {hub.repo_id}"
-        self._pointer: tuple[str, str] | None = None  # (ETag, commit) of current.json last read
+        self._etag: str | None = None  # of current.json when last read
         self._version: ModelVersion | None = None  # what it named
-        self._untagged = 0  # polls in a row that found current.json naming a version without its tag
+        self._untagged = 0  # loads in a row that found the version without its tag
 
     def current(self) -> ModelVersion | None:
         """The version current.json on the Hub names: one HEAD request while it is unchanged."""
@@ -82,17 +86,8 @@ class HubSource:
             pointer = self.hub.pointer()
             if pointer is None:
                 return None
-            if pointer[0] != (self._pointer or ("",))[0]:
-                try:
-                    self._version = self.hub.followed_current()
-                except NotTaggedYet:
-                    # Caught between a publish's commit and its tag: the next poll reads it again.
-                    self._untagged += 1
-                    if self._untagged < UNTAGGED_POLLS:
-                        log.info("the Hub registry's current.json names a version not tagged yet: next poll")
-                        return self._version
-                    raise
-                self._pointer, self._untagged = pointer, 0
+            if pointer[0] != self._etag:
+                self._version, self._etag = self.hub.current(), pointer[0]
         except RegistryError as err:
             raise SourceUnavailable(str(err)) from err
         return self._version
@@ -110,8 +105,16 @@ class HubSource:
             started = time.monotonic()
             try:
                 path, commit = self.hub.download(version, force=force)
+            except NotTaggedYet as err:
+                # Caught between a publish's commit and its tag: a later poll takes it.
+                self._untagged += 1
+                if self._untagged < UNTAGGED_POLLS:
+                    log.info("%s is not tagged yet (a publish under way): the next poll tries again", version.version)
+                    raise NotYet(str(err)) from err
+                raise SourceUnavailable(str(err)) from err
             except RegistryError as err:
                 raise SourceUnavailable(str(err)) from err
+            self._untagged = 0
             log.info("fetched %s of %s (%.0f MB, commit %s) in %.1f s", version.version, self.hub.repo_id,
                      version.bytes / 1e6, commit[:12], time.monotonic() - started)
             try:
@@ -214,6 +217,8 @@ class RegistryWatch:
         log.info("the registry's current version is now %s: loading %s", current.version, current.file)
         try:
             served = self.source.load(current)
+        except NotYet:  # not seen, nothing wrong: the next poll tries again
+            return None
         except SourceUnavailable as err:  # not seen: the next poll tries again
             self._trouble(f"registry version {current.version} cannot be fetched now from {self.source.where} ({err})")
             return None

@@ -11,10 +11,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-import orjson
 import pytest
 from pydantic import SecretStr
 from huggingface_hub import HfApi
@@ -23,12 +21,13 @@ from huggingface_hub.utils._http import default_client_factory
 
 from feedback.pull import pull_folder, read_pull_state
 from feedback.reviews import ReviewStore
-from feedback.sync import FolderPusher, parse_part
+from feedback.sync import FolderPusher
 from retrain.follow import follow_feedback
 from retrain.pipeline import read_manifest, run_pipeline
 from retrain.schedule import tick
 from schemas.review import ReviewDecision
 from tests.conftest import ROOT
+from tests.test_hub_sync import hub_ids
 from tests.test_schedule import QUESTIONS, accept, cli_env, settings_for
 
 REPO = "flagloop-tester/two-hosts-feedback"
@@ -54,15 +53,6 @@ def app_pushes(app: Path, *questions: str, action: str = "accept") -> list[Revie
     return decisions
 
 
-def decision_ids_on_hub(hub) -> Counter:
-    ids = Counter()
-    for path, data in hub.files(REPO, "dataset").items():
-        parsed = parse_part(path)
-        if parsed and parsed[0] == "reviews":
-            ids.update(orjson.loads(line)["decision_id"] for line in data.splitlines())
-    return ids
-
-
 def shards(root: Path) -> dict[str, bytes]:
     return {f"{p.parent.name}/{p.name}": p.read_bytes()
             for sub in ("flags", "reviews") for p in sorted((root / sub).glob("*.jsonl"))}
@@ -86,7 +76,7 @@ def test_a_tick_pulls_the_apps_decisions_pushes_its_own_and_the_dataset_has_each
     (fourth,) = app_pushes(app, questions[3])
     second = tick(settings)
     assert (second.action, second.new_corrections) == ("waiting", 3), second.message  # 3 - 1 rejected + 1 new
-    on_hub = decision_ids_on_hub(hub)
+    on_hub = hub_ids(hub, "reviews", REPO)
     expected = {d.decision_id for d in [*accepted, rejected, fourth]}
     assert set(on_hub) == expected and set(on_hub.values()) == {1}  # both sides' decisions, each once
 

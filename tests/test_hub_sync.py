@@ -88,13 +88,13 @@ def write_reviews(root: Path, n: int, name: str = "reviews-20250101-host-1-1.jso
     return [d.decision_id for d in decisions]
 
 
-def hub_ids(hub, folder: str = "flags") -> Counter:
+def hub_ids(hub, folder: str = "flags", repo: str = REPO) -> Counter:
     """How many times each record id (decision id for reviews) is in the repo's part files."""
     key = "record_id" if folder == "flags" else "decision_id"
     ids = Counter()
-    if ("dataset", REPO) not in hub.repos:
+    if ("dataset", repo) not in hub.repos:
         return ids
-    for path, data in hub.files(REPO, "dataset").items():
+    for path, data in hub.files(repo, "dataset").items():
         parsed = parse_part(path)
         if parsed and parsed[0] == folder:
             ids.update(json.loads(line)[key] for line in data.splitlines())

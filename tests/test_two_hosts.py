@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,6 @@ sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 from feedback.reader import latest_flags  # noqa: E402
-from feedback.sync import parse_part  # noqa: E402
 from retrain.registry import HubRegistry  # noqa: E402
 from schemas.registry import ModelVersion  # noqa: E402
 from schemas.sft import SFTRow  # noqa: E402
@@ -42,6 +40,7 @@ from space.model import embedded_model_path, sha256_of  # noqa: E402
 from tests.browser import browser  # noqa: E402,F401 (fixture)
 from tests.conftest import ROOT, start_app  # noqa: E402
 from tests.hubserver import HubServer, point_hub_client_at  # noqa: E402
+from tests.test_hub_sync import hub_ids  # noqa: E402
 from tests.test_app_end_to_end import flag, new_client, text_of  # noqa: E402
 from tests.test_retrain_loop import FACTS, PHRASINGS, SYSTEM, loop_config  # noqa: E402
 
@@ -128,16 +127,6 @@ def review_page(browser, url: str):
     password.fill(PASSWORD)
     password.press("Enter")
     return context, page
-
-
-def records_on_hub(hub: HubServer, folder: str) -> Counter:
-    key = "record_id" if folder == "flags" else "decision_id"
-    ids = Counter()
-    for path, data in hub.files(DATASET, "dataset").items():
-        parsed = parse_part(path)
-        if parsed and parsed[0] == folder:
-            ids.update(json.loads(line)[key] for line in data.splitlines())
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +237,7 @@ def test_corrections_accepted_on_the_app_are_trained_on_the_other_host_and_serve
 def test_the_app_restarted_on_an_empty_disk_shows_every_flag_and_decision_and_serves_the_hub_version(
         loop, hub, browser):
     assert loop["a_exit"] == 0
-    flags_before, decisions_before = records_on_hub(hub, "flags"), records_on_hub(hub, "reviews")
+    flags_before, decisions_before = hub_ids(hub, "flags", DATASET), hub_ids(hub, "reviews", DATASET)
     assert len(decisions_before) == len(FLAGGED) and set(decisions_before.values()) == {1}
     fresh = start_a(hub, loop["root"] / "a-restarted")  # no feedback folder, no HF cache, no local registry
     try:
@@ -272,10 +261,10 @@ def test_the_app_restarted_on_an_empty_disk_shows_every_flag_and_decision_and_se
         restored = latest_flags(fresh.feedback_dir).records
         assert len(restored) == total + 1  # every earlier flag, and the one just saved
         # Its pushes send the new flag only: nothing restored goes to the Hub a second time.
-        wait_for("A pushes its new flag", lambda: len(records_on_hub(hub, "flags")) == len(flags_before) + 1, 60,
+        wait_for("A pushes its new flag", lambda: len(hub_ids(hub, "flags", DATASET)) == len(flags_before) + 1, 60,
                  fresh.log)
         time.sleep(4)  # one more push interval
-        assert set(records_on_hub(hub, "flags").values()) == {1}
-        assert records_on_hub(hub, "reviews") == decisions_before
+        assert set(hub_ids(hub, "flags", DATASET).values()) == {1}
+        assert hub_ids(hub, "reviews", DATASET) == decisions_before
     finally:
         fresh.kill()
