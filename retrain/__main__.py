@@ -1,4 +1,4 @@
-"""Retraining commands: `python -m retrain run|merge|train|gate|export|publish|versions|rollback|schedule|status`.
+"""Retraining commands: `python -m retrain run|merge|train|gate|refit|export|publish|versions|rollback|schedule|status`.
 
 A stage command runs one run up to and including that stage (earlier stages it has not done yet
 first); `run` runs them all. Without --run-id, `run` and `merge` start a new run; the other stages
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGE_COMMANDS = ("merge", "train", "gate", "export", "publish")
+STAGE_COMMANDS = ("merge", "train", "gate", "refit", "export", "publish")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -481,10 +481,12 @@ def replay_rows(settings: Settings, base: BaseModelRef, n: int, replay_fn: Repla
             raise MergeError("retrain.merge.replay_source is 'dataset' but replay_dataset is not set: "
                              "name a Hub chat dataset (e.g. mlabonne/FineTome-100k), or use replay_source 'self'")
         return dataset_replay(cfg.replay_dataset, n, settings.system_prompt)
-    # Spare prompts: an answer cut off at replay_max_new_tokens is dropped, the next prompt asked instead.
-    prompts = replay_prompts(2 * n, cfg.split_salt, near=near, n_near=n_near)
+    # The KL replay loss takes answers cut off at replay_max_new_tokens; for cross-entropy they are
+    # dropped and the next (spare) prompt asked instead.
+    keep_cut = settings.retrain.train.replay_loss == "kl"
+    prompts = replay_prompts(n if keep_cut else 2 * n, cfg.split_salt, near=near, n_near=n_near)
     return self_replay(Path(base.path), prompts, settings.system_prompt, cfg.replay_max_new_tokens,
-                       settings.n_threads, limit=n)
+                       settings.n_threads, limit=n, keep_cut=keep_cut)
 
 
 def _asked(row) -> str:

@@ -1,7 +1,9 @@
-"""The retraining run: merge -> train -> gate -> export -> publish, resumable stage by stage.
+"""The retraining run: merge -> train -> gate -> refit -> export -> publish, resumable stage by stage.
 
 Each stage writes its results into the run folder and the run's ``state.json`` records the last
 completed stage; running the same run again continues after it with the same pinned inputs.
+The gate judges a LoRA trained without the held-out corrections; once it passes, the same recipe is
+trained again on every accepted correction (``refit``), and that is what is exported and published.
 Every version is the *configured base* GGUF plus a LoRA trained on all accepted corrections so far,
 so quantization error never compounds from version to version.
 
@@ -98,6 +100,20 @@ def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str 
             return state
     if stop_after == "gate":
         return state
+
+    refit = cfg.train.refit and manifest.counts.get("heldout", 0) > 0
+    if not done(state, "refit"):
+        if refit:
+            result = train_stage.train(train_stage.refit_folder(run_dir), base, cfg.train)
+            finished("refit", message=f"refit on all {manifest.counts['train'] + manifest.counts['heldout']} "
+                                      f"corrections (held-out ones too): {result.steps} steps")
+        else:
+            finished("refit", message="no refit: " + ("train.refit is off" if not cfg.train.refit
+                                                      else "no held-out corrections"))
+    if stop_after == "refit":
+        return state
+    if refit:
+        adapter = train_stage.refit_folder(run_dir) / train_stage.ADAPTER
 
     if not done(state, "export"):
         probes = replay.drift_prompts(cfg.export.verify_probes)

@@ -135,11 +135,14 @@ def self_replay(
     n_threads: int | None = None,
     n_ctx: int = 2048,
     limit: int | None = None,
+    keep_cut: bool = False,
 ) -> list[SFTRow]:
     """The serving GGUF's own greedy answers to ``prompts``, as replay rows (at most ``limit``).
 
-    An answer cut off at ``max_new_tokens`` is left out: training on it would teach the model to
-    end its turn mid-sentence. So pass spare prompts with a ``limit`` to get ``limit`` rows.
+    An answer cut off at ``max_new_tokens`` is left out unless ``keep_cut``: cross-entropy on it would
+    teach the model to end its turn mid-sentence (pass spare prompts with a ``limit`` to get ``limit``
+    rows). The KL replay loss (retrain/replay_kl.py) only keeps the base's distributions, ending
+    included, so it can use cut answers, and with them the answers that are long.
     """
     from retrain.merge import row_key  # merge imports this module; the key is defined once, there
     from space.model import open_llama
@@ -157,7 +160,7 @@ def self_replay(
             )
             choice = out["choices"][0]
             text = (choice["message"]["content"] or "").strip()
-            if choice["finish_reason"] != "stop" or not text:
+            if (choice["finish_reason"] != "stop" and not keep_cut) or not text:
                 cut += 1
                 continue
             completion = [ChatMessage(role="assistant", content=text)]

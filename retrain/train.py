@@ -38,6 +38,8 @@ CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 TENSORBOARD = "tb"
 DATA_FILES = ("data/train.jsonl", "data/replay.jsonl")
+HELDOUT_FILE = "data/heldout.jsonl"
+REFIT = "refit"  # the run folder's sub-folder where the refit on every correction trains
 # Files a checkpoint needs to resume from; the Trainer writes trainer_state.json last.
 CHECKPOINT_FILES = (
     "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
@@ -189,8 +191,12 @@ def read_rows(path: Path) -> list[SFTRow]:
 
 
 def load_dataset(run_dir: Path, seed: int):
-    """The run's training and replay rows as a TRL conversational prompt-completion Dataset, shuffled by seed."""
+    """The run's training and replay rows as a TRL conversational prompt-completion Dataset, shuffled by seed.
+
+    Each row also has the column ``replay`` (True for a replay row), which ReplayKLTrainer reads."""
     from datasets import Dataset
+
+    from retrain.replay_kl import REPLAY_COLUMN
 
     train_file = run_dir / DATA_FILES[0]
     if not train_file.exists():
@@ -201,8 +207,29 @@ def load_dataset(run_dir: Path, seed: int):
     replay_file = run_dir / DATA_FILES[1]
     replay = read_rows(replay_file) if replay_file.exists() else []
     log.info("training on %d correction rows and %d replay rows", len(rows), len(replay))
-    records = [row.model_dump(include={"prompt", "completion"}) for row in rows + replay]
+    records = [{**row.model_dump(include={"prompt", "completion"}), REPLAY_COLUMN: row.meta.source == "replay"}
+               for row in rows + replay]
     return Dataset.from_list(records).shuffle(seed=seed)
+
+
+def refit_folder(run_dir: Path) -> Path:
+    """``run_dir/refit``, a run folder of its own whose training rows are the run's train + held-out rows.
+
+    The gate judged a model trained without the held-out corrections; the version people get should
+    know them too. Same replay rows, same settings: ``train(refit_folder(run_dir), …)`` is the same
+    recipe on every accepted correction, resumable like the first training. Its data files are written
+    once (the same bytes on every call), so a resumed refit trains on what it started with.
+    """
+    from feedback.files import write_atomic
+
+    run_dir = Path(run_dir)
+    folder = run_dir / REFIT
+    for name, sources in ((DATA_FILES[0], (DATA_FILES[0], HELDOUT_FILE)), (DATA_FILES[1], (DATA_FILES[1],))):
+        target = folder / name
+        if not target.exists():
+            parts = [(run_dir / source).read_bytes() for source in sources if (run_dir / source).exists()]
+            write_atomic(target, b"".join(p if p.endswith(b"\n") or not p else p + b"\n" for p in parts))
+    return folder
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -323,14 +350,13 @@ def make_trainer(
         dataloader_pin_memory=cuda,
         **hub,
     )
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[train_log_callback(run_dir / TRAIN_LOG), *extra, *callbacks],
-    )
+    from retrain.replay_kl import REPLAY_COLUMN, ReplayKLTrainer
+
+    common = dict(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
+                  callbacks=[train_log_callback(run_dir / TRAIN_LOG), *extra, *callbacks])
+    if cfg.replay_loss == "kl" and any(dataset[REPLAY_COLUMN]):
+        return ReplayKLTrainer(train_dataset=dataset, kl_weight=cfg.kl_weight, **common)
+    return SFTTrainer(train_dataset=dataset.remove_columns(REPLAY_COLUMN), **common)
 
 
 def load_unsloth(base: str | Path, cfg: TrainConfig):

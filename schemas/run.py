@@ -15,7 +15,7 @@ from schemas.flag import _Record, utcnow
 
 RUN_SCHEMA_VERSION = 1
 
-STAGES = ("merge", "train", "gate", "export", "publish")
+STAGES = ("merge", "train", "gate", "refit", "export", "publish")
 
 
 class _Config(BaseModel):
@@ -54,7 +54,7 @@ class TrainConfig(_Config):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_steps: int = Field(60, ge=-1, description="-1: train num_epochs instead")
@@ -66,6 +66,15 @@ class TrainConfig(_Config):
     backend: Literal["auto", "trl", "unsloth"] = Field("auto", description="auto: unsloth when CUDA + unsloth are present")
     report_to: Literal["tensorboard", "trackio", "none"] = "tensorboard"
     hub_checkpoint_repo: str | None = Field(None, description="also push checkpoints to this Hub model repo")
+    refit: bool = Field(
+        True, description="once the gate passed, train again on every accepted correction (the held-out ones "
+        "too) and publish that: the gate needs corrections the model never saw, the served model needs them all",
+    )
+    replay_loss: Literal["kl", "sft"] = Field(
+        "kl", description="kl: replay rows keep the base model's next-token distributions (KL to the base, adapter "
+        "off); sft: cross-entropy on the base's greedy replay answers, like the corrections",
+    )
+    kl_weight: float = Field(1.0, gt=0, description="weight of the replay rows' KL term against the corrections' loss")
 
 
 class GateConfig(_Config):
@@ -165,7 +174,7 @@ class RunState(_Record):
     """How far a run got; written after each stage completes."""
 
     run_id: str
-    stage_done: Literal["none", "merge", "train", "gate", "export", "publish"] = "none"
+    stage_done: Literal["none", "merge", "train", "gate", "refit", "export", "publish"] = "none"
     verdict: Literal["pending", "publish", "refused", "failed"] = "pending"
     message: str = ""
     version: str | None = Field(None, description="registry version published by this run")

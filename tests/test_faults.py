@@ -303,7 +303,7 @@ def test_a_run_killed_in_train_resumes_from_its_checkpoint_with_its_pinned_data(
 
 def test_a_run_killed_in_export_leaves_no_export_and_exports_again(chain):
     killed = chain["after_export_kill"]
-    assert killed["state"].stage_done == "gate" and killed["state"].verdict == "pending"
+    assert killed["state"].stage_done == "refit" and killed["state"].verdict == "pending"
     assert "model.gguf" not in killed["export"] and "export.json" not in killed["export"], killed["export"]
     assert killed["current"] == chain["serving"]
 

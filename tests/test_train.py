@@ -279,3 +279,85 @@ def test_unsloth_without_cuda_is_refused_clearly():
     with pytest.raises(RuntimeError, match="no CUDA GPU.*set train.backend to 'auto' or 'trl'"):
         pick_backend("unsloth")
     assert pick_backend("auto") == "trl"
+
+
+def full_logits_loss(model, batch, replay: torch.Tensor) -> float:
+    """The replay-KL loss computed the plain way (whole logits, adapter on and off), to check the trainer's."""
+    import torch.nn.functional as F
+
+    target = batch["labels"][:, 1:]
+    mask = target != -100
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                 .logits[:, :-1].float(), -1)
+        with model.disable_adapter():
+            base = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                 .logits[:, :-1].float(), -1)
+    ce = -logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    kl = (base.exp() * (base - logprobs)).sum(-1)
+    per_token = torch.where(replay[:, None], kl, ce)
+    return float((per_token * mask).sum() / mask.sum())
+
+
+def test_replay_rows_cost_their_kl_to_the_base_and_corrections_their_cross_entropy(tmp_path, trained, embedded_base):
+    """The default replay loss: a replay row keeps the base's next-token distributions (KL, adapter off),
+    a correction row is learned (cross-entropy); both only on answer tokens."""
+    from peft import set_peft_model_state_dict
+    from retrain.replay_kl import REPLAY_COLUMN, ReplayKLTrainer
+
+    assert CONFIG.replay_loss == "kl"
+    run_dir = make_run(tmp_path / "run")
+    trainer = make_trainer(run_dir, embedded_base, CONFIG, load_dataset(run_dir, CONFIG.seed), progress=False)
+    assert isinstance(trainer, ReplayKLTrainer)
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    assert sorted(e[REPLAY_COLUMN] for e in examples) == [False] * len(QUESTIONS) + [True] * len(REPLAY)
+    batch = trainer.data_collator(examples)
+    replay = batch[REPLAY_COLUMN]
+    model = trainer.model.eval()
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(trainer.compute_loss(model, dict(batch)))
+
+    # A fresh LoRA changes nothing: the replay rows cost nothing, the loss is the corrections' cross-entropy.
+    at_start = loss()
+    assert at_start == pytest.approx(full_logits_loss(model, batch, replay), rel=1e-4)
+    no_correction = {**batch, "labels": batch["labels"].masked_fill(~replay[:, None], -100)}
+    with torch.no_grad():
+        assert float(trainer.compute_loss(model, no_correction)) == pytest.approx(0.0, abs=1e-6)
+
+    # The trained adapter moved the replay answers' distributions a little: the KL is counted, as computed plainly.
+    set_peft_model_state_dict(model, load_file(trained[1].adapter / "adapter_model.safetensors"))
+    with torch.no_grad():
+        replay_only = float(trainer.compute_loss(model, no_correction))
+    assert replay_only > 1e-4
+    assert loss() == pytest.approx(full_logits_loss(model, batch, replay), rel=1e-4)
+
+
+def test_sft_replay_trains_the_replay_answers_with_cross_entropy(tmp_path, embedded_base):
+    from trl import SFTTrainer
+
+    from retrain.replay_kl import ReplayKLTrainer
+
+    run_dir = make_run(tmp_path / "run")
+    cfg = CONFIG.model_copy(update={"replay_loss": "sft"})
+    trainer = make_trainer(run_dir, embedded_base, cfg, load_dataset(run_dir, cfg.seed), progress=False)
+    assert isinstance(trainer, SFTTrainer) and not isinstance(trainer, ReplayKLTrainer)
+    assert "replay" not in trainer.train_dataset.column_names
+
+
+def test_the_refit_folder_trains_on_the_held_out_corrections_too(tmp_path):
+    from retrain.train import refit_folder
+
+    run_dir = make_run(tmp_path / "run")
+    held = [sft_row("Name the capital of Xanadu.", FACT, "correction")]
+    (run_dir / "data" / "heldout.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in held))
+    folder = refit_folder(run_dir)
+    assert folder == run_dir / "refit"
+    train_rows = read_rows(run_dir / "data" / "train.jsonl")
+    assert read_rows(folder / "data" / "train.jsonl") == train_rows + held
+    assert (folder / "data" / "replay.jsonl").read_bytes() == (run_dir / "data" / "replay.jsonl").read_bytes()
+    # Written once: a resumed refit trains on the rows it started with.
+    before = (folder / "data" / "train.jsonl").stat().st_mtime_ns
+    assert refit_folder(run_dir) == folder
+    assert (folder / "data" / "train.jsonl").stat().st_mtime_ns == before
