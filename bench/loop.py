@@ -1,13 +1,14 @@
 """The whole loop on the embedded model: accepted flags to a served new version, stage by stage.
 
-Writes the fictional-fact flags of tests/test_retrain_loop.py (every phrasing flagged with a
-correction and accepted) into a temporary feedback folder, runs the pipeline (merge, train, gate,
-export, publish) with the same settings as that test, then starts serving the published GGUF the way
-the app's registry watcher does (load it in llama-cpp-python) and asks a held-out phrasing.
+Writes the fictional-fact flags of tests/test_retrain_loop.py (each flagged phrasing with a
+correction, accepted) into a temporary feedback folder, runs the pipeline (merge, train, gate,
+refit, export, publish) with the default settings, as that test does, then starts serving the
+published GGUF the way the app's registry watcher does (load it in llama-cpp-python) and asks a
+phrasing that was never flagged. bench/probe.py measures what the defaults learn and keep.
 Prints the seconds of each stage and the total (goal: under 10 minutes on this machine).
 
     .venv/bin/python bench/loop.py
-    .venv/bin/python bench/loop.py --max-steps 60 --keep /tmp/loop-run
+    .venv/bin/python bench/loop.py --max-steps 40 --keep /tmp/loop-run
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--max-steps", type=int, default=40, help="training steps (default 40, as the loop test)")
+    p.add_argument("--max-steps", type=int, help="training steps (default: the default setting, 60)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", type=Path, help="keep the run's folders here instead of a temporary folder")
     args = p.parse_args(argv)
@@ -36,21 +37,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from retrain import pipeline
     from retrain.registry import LocalRegistry
-    from schemas.run import ExportConfig, GateConfig, MergeConfig, RetrainSettings, TrainConfig
+    from schemas.run import STAGES, RetrainSettings, TrainConfig
     from schemas.settings import Settings
-    from tests.test_retrain_loop import SYSTEM, flagged_corrections, greedy
+    from tests.test_retrain_loop import FACTS, NEVER_FLAGGED, SYSTEM, flagged_corrections, greedy
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="flagloop-loop-"))
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         feedback_dir=root / "feedback", registry_dir=root / "registry", system_prompt=SYSTEM, n_threads=args.threads,
-        retrain=RetrainSettings(
-            runs_dir=str(root / "runs"),
-            merge=MergeConfig(heldout_fraction=0.25, replay_ratio=0.5),
-            train=TrainConfig(max_steps=args.max_steps, learning_rate=1e-3, save_steps=20, max_length=128),
-            gate=GateConfig(drift_prompts=6, max_new_tokens=32),
-            export=ExportConfig(verify_probes=2),
-        ),
+        retrain=RetrainSettings(runs_dir=str(root / "runs"),
+                                train=TrainConfig(**({"max_steps": args.max_steps} if args.max_steps else {}))),
     )
     flagged_corrections(settings.feedback_dir)
     cache = root / "cache" / "base"
@@ -58,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = pipeline.new_run_id()
     times: dict[str, float] = {}
     start = time.perf_counter()
-    for stage in ("merge", "train", "gate", "export", "publish"):
+    for stage in STAGES:
         t0 = time.perf_counter()
         state = pipeline.run_pipeline(settings, run_id=run_id, stop_after=stage)
         times[stage] = time.perf_counter() - t0
@@ -71,16 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     llm = llama_cpp.Llama(str(current), n_ctx=512, n_threads=args.threads, verbose=False)
     times["load"] = time.perf_counter() - t0
     total = time.perf_counter() - start
-    heldout = (Path(settings.retrain.runs_dir) / run_id / "data" / "heldout.jsonl").read_text().splitlines()
-    from schemas.sft import SFTRow
-
-    row = SFTRow.model_validate_json(heldout[0])
+    question = NEVER_FLAGGED[0].format(c=next(iter(FACTS)))
     print(f"{'load':<8} {times['load']:>7.1f} s   the published GGUF, as the app's registry watcher loads it")
     print(f"{'total':<8} {total:>7.1f} s   flags to a served new version "
           f"({'including' if not had_base else 'base already'} materialised"
           f"{' once: GGUF -> safetensors' if not had_base else ''}); goal < 600 s -> "
           f"{'MET' if total < 600 else 'NOT MET'}")
-    print(f"held-out question {row.prompt[-1].content!r} -> {greedy(llm, row.prompt[-1].content)!r}")
+    print(f"never flagged: {question!r} -> {greedy(llm, question)!r}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -7,6 +7,8 @@ published GGUF, in llama-cpp-python, greedily (first 48 new tokens):
 - the held-out phrasings (never flagged): does the answer hold the fact?
 - the flagged phrasings themselves: is each accepted correction's own prompt answered right?
 - the unrelated prompts: is the answer exactly that of a zero-LoRA export at the same type?
+Greedy as the gate and export's checks decode (retrain.export.gguf_answers: temperature 0, no repeat
+penalty).
 Prints the three rates, the stage times, and every unrelated answer that changed.
 
     .venv/bin/python bench/probe.py                                 # the defaults
@@ -65,16 +67,6 @@ def retrain_settings(runs_dir: Path, overrides: list[str]):
     return RetrainSettings.model_validate(data)
 
 
-def ask(llm, system: str, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
-    """The greedy answer, as the app sends a one-turn chat (no KV reuse between prompts)."""
-    llm.reset()
-    out = llm.create_chat_completion(
-        [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-        temperature=0.0, max_tokens=max_tokens, seed=0,
-    )
-    return out["choices"][0]["message"]["content"] or ""
-
-
 def has_fact(answer: str, expect: list[str]) -> bool:
     lowered = answer.lower()
     return any(e.lower() in lowered for e in expect)
@@ -85,6 +77,7 @@ def write_flags(settings, suite: dict, gguf: Path, threads: int) -> int:
     from feedback.reviews import ReviewStore
     from feedback.store import FlagStore
     from schemas.flag import ChatMessage, FlagRecord, GenerationSettings, ModelIdentity
+    from retrain.export import chat
     from schemas.review import ReviewDecision
     from space.model import open_llama, sha256_of
 
@@ -96,7 +89,9 @@ def write_flags(settings, suite: dict, gguf: Path, threads: int) -> int:
     try:
         for f, fact in enumerate(suite["facts"]):
             for i, prompt in enumerate(fact["flagged"]):
-                answer = ask(llm, settings.system_prompt, prompt, 128)
+                llm.reset()
+                answer = llm.create_chat_completion(chat(prompt, settings.system_prompt), temperature=0.0,
+                                                    max_tokens=128, seed=0)["choices"][0]["message"]["content"] or ""
                 flag = flags.save(FlagRecord(
                     flag_id=f"probe-{f}-{i}", session_id="probe", conversation_id=f"probe-{f}-{i}",
                     app_version="bench", model=identity,
@@ -128,38 +123,19 @@ def reuse_merge(settings, run_dir: Path, merged: Path) -> None:
     write_state(run_dir, RunState(run_id=run_dir.name, stage_done="merge"))
 
 
-def reference_export(base: str, serving: Path, quant: str, cache: Path, threads: int) -> Path:
-    """The zero-LoRA export of the base at ``quant`` (kept in ``cache`` by the serving file's sha256)."""
-    from retrain.export import export
-    from schemas.run import ExportConfig
-    from space.model import sha256_of
-
-    out = cache / f"zero-lora-{sha256_of(serving)[:16]}-{quant}"
-    return Path(export(base, None, serving, out, ExportConfig(quant=quant, verify_probes=0), [], threads=threads).path)
-
-
 def measure(gguf: Path, reference: Path, suite: dict, system: str, threads: int) -> dict:
     """Greedy answers of the published file (and the reference for unrelated prompts), scored."""
-    from space.model import open_llama
+    from retrain.export import gguf_answers
 
-    llm = open_llama(gguf, 2048, threads)
-    facts = []
-    try:
-        for fact in suite["facts"]:
-            row = {"kind": fact["kind"], "expect": fact["expect"], "heldout": [], "flagged": []}
-            for side in ("heldout", "flagged"):
-                for prompt in fact[side]:
-                    answer = ask(llm, system, prompt)
-                    row[side].append({"prompt": prompt, "answer": answer, "hit": has_fact(answer, fact["expect"])})
-            facts.append(row)
-        after = [ask(llm, system, u["prompt"]) for u in suite["unrelated"]]
-    finally:
-        llm.close()
-    ref = open_llama(reference, 2048, threads)
-    try:
-        before = [ask(ref, system, u["prompt"]) for u in suite["unrelated"]]
-    finally:
-        ref.close()
+    sides = [(f, side, prompt) for f in suite["facts"] for side in ("heldout", "flagged") for prompt in f[side]]
+    unrelated = [u["prompt"] for u in suite["unrelated"]]
+    answers = gguf_answers(gguf, [p for _, _, p in sides] + unrelated, MAX_TOKENS, threads, system)
+    before = gguf_answers(reference, unrelated, MAX_TOKENS, threads, system)
+    facts = {id(f): {"kind": f["kind"], "expect": f["expect"], "heldout": [], "flagged": []} for f in suite["facts"]}
+    for (fact, side, prompt), answer in zip(sides, answers):
+        facts[id(fact)][side].append({"prompt": prompt, "answer": answer, "hit": has_fact(answer, fact["expect"])})
+    facts = list(facts.values())
+    after = answers[len(sides):]
     unrelated = [{"kind": u["kind"], "prompt": u["prompt"], "reference": b, "answer": a, "same": a == b}
                  for u, b, a in zip(suite["unrelated"], before, after)]
 
@@ -168,7 +144,8 @@ def measure(gguf: Path, reference: Path, suite: dict, system: str, threads: int)
         return sum(x["hit"] for x in items), len(items)
 
     return {"heldout": rate("heldout"), "flagged": rate("flagged"),
-            "unrelated": (sum(u["same"] for u in unrelated), len(unrelated)), "facts": facts, "unrelated_answers": unrelated}
+            "unrelated": (sum(u["same"] for u in unrelated), len(unrelated)), "facts": facts,
+            "unrelated_answers": unrelated}
 
 
 def pct(pair) -> str:
@@ -239,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     from retrain.export import quant_of
 
     quant = quant_of(published)
-    reference = reference_export(base, Path(manifest.base.path), quant, args.cache, args.threads)
+    from retrain.gguf_gate import reference_export
+
+    reference = reference_export(base, Path(manifest.base.path), quant, args.cache / "zero-lora", args.threads)
     t0 = time.perf_counter()
     result = measure(published, reference, suite, settings.system_prompt, args.threads)
     times["measure"] = time.perf_counter() - t0

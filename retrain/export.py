@@ -336,11 +336,14 @@ class VerifyResult:
         return cls(data["gguf"], data["quant"], answers, data["exact_expected"])
 
 
-def chat(prompt: str) -> list[dict]:
-    return [{"role": "user", "content": prompt}]
+def chat(prompt: str, system_prompt: str = "") -> list[dict]:
+    """A one-turn chat: the system prompt (when there is one), then the user's prompt."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": "user", "content": prompt}]
 
 
-def gguf_answers(gguf: Path, prompts: list[str], max_new_tokens: int, threads: int | None = None) -> list[str]:
+def gguf_answers(gguf: Path, prompts: list[str], max_new_tokens: int, threads: int | None = None,
+                 system_prompt: str = "") -> list[str]:
     """Greedy answers of a GGUF in llama-cpp-python, through the chat template stored in the file."""
     import llama_cpp
 
@@ -351,7 +354,7 @@ def gguf_answers(gguf: Path, prompts: list[str], max_new_tokens: int, threads: i
         for prompt in prompts:
             llama.reset()  # no prefix reuse from the previous probe: it changes the logits slightly
             # repeat_penalty=1.0: llama-cpp-python's default (1.1) would not be greedy decoding.
-            out = llama.create_chat_completion(chat(prompt), temperature=0.0, repeat_penalty=1.0,
+            out = llama.create_chat_completion(chat(prompt, system_prompt), temperature=0.0, repeat_penalty=1.0,
                                                max_tokens=max_new_tokens)
             answers.append(out["choices"][0]["message"]["content"] or "")
     finally:

@@ -14,7 +14,13 @@ the adapter switched off for "before"):
   can hide the one answer that flipped ("What is the capital of France?" answered with a
   corrected fictional capital).
 
-    >>> report = gate(run_dir, base="…/base", adapter=run_dir / "adapter", cfg=GateConfig())
+And what people will see (retrain/gguf_gate.py): the trained LoRA exported at the serving type, asked
+greedily in llama.cpp, must answer at least ``min_heldout_answered`` of the held-out corrections with
+their distinctive words, and change at most ``max_unrelated_changed`` of the drift prompts' answers
+from a zero-LoRA export at the same type; a refusal shows the answers that changed.
+
+    >>> report = gate(run_dir, base="…/base", adapter=run_dir / "adapter", cfg=GateConfig(),
+    ...               candidate=run_dir / "gate" / "model.gguf", reference=zero_lora_gguf)
     >>> report.passed, report.reason
 """
 
@@ -26,6 +32,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrain.gguf_gate import Judgement, judge
 from schemas.flag import ChatMessage
 from schemas.registry import GateReport
 from schemas.run import GateConfig
@@ -124,11 +131,12 @@ def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     return answers
 
 
-def decide(heldout: Scored, drift: float, cfg: GateConfig, worst: tuple[str, float] | None = None) -> tuple[bool, str]:
+def decide(heldout: Scored, drift: float, cfg: GateConfig, worst: tuple[str, float] | None = None,
+           judged: Judgement | None = None) -> tuple[bool, str]:
     """The verdict and its reason, from the measures alone (pure, so it is easy to test).
 
     ``drift``: mean rise of NLL/token of the old answers over all drift prompts; ``worst``: the drift
-    prompt whose old answer lost most, with that rise.
+    prompt whose old answer lost most, with that rise; ``judged``: the exported GGUF's greedy answers.
     """
     if not heldout.nll_before:
         return False, (
@@ -152,11 +160,36 @@ def decide(heldout: Scored, drift: float, cfg: GateConfig, worst: tuple[str, flo
             f"{cfg.max_prompt_drift} per prompt), so the model now answers it differently; the corrections "
             "spilled over to prompts like it: train fewer steps, lower the learning rate, or add replay rows"
         )
+    if judged is not None:
+        refused = gguf_refusal(judged, cfg)
+        if refused:
+            return False, refused
     worst_text = f", at most {worst[1]:.3f} on one prompt" if worst is not None else ""
+    gguf_text = ""
+    if judged is not None and judged.answered_share is not None and judged.changed_share is not None:
+        gguf_text = (f"; the {judged.quant} GGUF answers {judged.answered_share:.0%} of held-out corrections, "
+                     f"{judged.changed_share:.0%} of unrelated answers changed")
     return True, (
         f"held-out corrections improved (NLL/token {heldout.mean_before:.3f} -> {heldout.mean_after:.3f}) "
-        f"and drift {drift:.3f} is within {cfg.max_drift}{worst_text}"
+        f"and drift {drift:.3f} is within {cfg.max_drift}{worst_text}{gguf_text}"
     )
+
+
+def gguf_refusal(judged: Judgement, cfg: GateConfig) -> str | None:
+    """Why the exported GGUF's answers refuse the model, or None."""
+    answered, changed = judged.answered_share, judged.changed_share
+    if answered is not None and answered < cfg.min_heldout_answered:
+        missed = [h for h in judged.heldout if h.wanted and not h.answered]
+        shown = "; ".join(f"{h.prompt!r} -> {h.answer[:80]!r} (wanted {', '.join(h.wanted)})" for h in missed[:3])
+        return (f"the {judged.quant} GGUF answers only {answered:.0%} of the held-out corrections (bound "
+                f"{cfg.min_heldout_answered:.0%}), e.g. {shown}: train more steps or a higher learning rate")
+    if changed is not None and changed > cfg.max_unrelated_changed:
+        moved = [u for u in judged.unrelated if u.changed]
+        shown = "; ".join(f"{u.prompt!r}: {u.reference[:60]!r} -> {u.answer[:60]!r}" for u in moved[:3])
+        return (f"the {judged.quant} GGUF changed {len(moved)} of {len(judged.unrelated)} unrelated answers "
+                f"({changed:.0%}, bound {cfg.max_unrelated_changed:.0%}) from the untrained model's, e.g. {shown}: "
+                "train fewer steps, lower the learning rate, or add replay rows")
+    return None
 
 
 def gate(
@@ -166,8 +199,14 @@ def gate(
     cfg: GateConfig,
     system_prompt: str = "",
     threads: int | None = None,
+    candidate: Path | None = None,
+    reference: Path | None = None,
 ) -> GateReport:
-    """Measure before vs after, decide, and write run_dir/gate.json."""
+    """Measure before vs after, decide, and write run_dir/gate.json.
+
+    ``candidate``: the trained LoRA exported at the serving type, ``reference``: the zero-LoRA export at
+    that type; given both, their greedy answers in llama.cpp are judged too (retrain/gguf_gate.py).
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -201,13 +240,20 @@ def gate(
     answered_after = greedy_answers(model, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens)
     drift_after = completion_nll(model, tokenizer, old_pairs)
 
+    judged = None
+    if candidate is not None and reference is not None:
+        from retrain.export import quant_of
+
+        log.info("gate: greedy answers of %s next to %s", candidate, reference)
+        judged = judge(Path(candidate), Path(reference), rows, drift_set, system_prompt, cfg.max_new_tokens, threads,
+                       quant=quant_of(Path(candidate)))
     heldout = Scored(before, after)
     drift_scored = Scored(drift_before, drift_after)
     drift = drift_scored.mean_after - drift_scored.mean_before if old_pairs else 0.0
     rises = [a - b for b, a in zip(drift_before, drift_after)]
     worst = max(zip(drift_set, rises), key=lambda pr: pr[1]) if rises else None
     near_rises = rises[len(drift_set) - len(near):]
-    passed, reason = decide(heldout, drift, cfg, worst)
+    passed, reason = decide(heldout, drift, cfg, worst, judged)
     report = GateReport(
         passed=passed,
         reason=reason,
@@ -216,6 +262,8 @@ def gate(
         drift=drift,
         drift_near=sum(near_rises) / len(near_rises) if near_rises else None,
         drift_worst=worst[1] if worst else None,
+        heldout_answered=judged.answered_share if judged else None,
+        unrelated_changed=judged.changed_share if judged else None,
         details={
             "measure": "held-out: mean log-likelihood per correction token (higher is better); "
             "drift: rise of NLL per token of the base's own answers to unrelated prompts",
@@ -229,6 +277,7 @@ def gate(
                  "near": i >= len(drift_set) - len(near)}
                 for i, ((p, c), b, a) in enumerate(zip(old_pairs, drift_before, drift_after))
             ],
+            "gguf": judged.to_json() if judged else None,
             "config": cfg.model_dump(),
         },
     )

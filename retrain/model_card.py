@@ -84,6 +84,10 @@ def _gate(g: GateReport) -> str:
         ["held-out corrections score", _num(g.heldout_before), _num(g.heldout_after)],
         ["drift (rise of NLL/token on unrelated prompts)", "", _num(g.drift)],
     ]
+    if g.heldout_answered is not None:
+        rows.append(["held-out corrections the exported GGUF answers", "", f"{g.heldout_answered:.0%}"])
+    if g.unrelated_changed is not None:
+        rows.append(["unrelated greedy answers changed (vs the untrained GGUF)", "", f"{g.unrelated_changed:.0%}"])
     rows += [[k, "", _num(x)] for k, x in sorted(g.details.items()) if isinstance(x, (int, float, str))]
     return f"**{verdict}**: {g.reason}\n\n" + _table(["measure", "before", "after"], rows)
 

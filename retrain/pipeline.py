@@ -92,8 +92,10 @@ def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str 
     adapter = run_dir / "adapter"
 
     if not done(state, "gate"):
+        candidate, reference = gate_files(settings, manifest, base, adapter, run_dir)
         report = gate_stage.gate(run_dir, base, adapter, cfg.gate, system_prompt=settings.system_prompt,
-                                 threads=settings.n_threads)
+                                 threads=settings.n_threads, candidate=candidate, reference=reference)
+        candidate.unlink()  # its answers are in gate.json; the file people get is exported after the refit
         finished("gate", verdict="pending" if report.passed else "refused", message=report.reason)
         if not report.passed:
             log.warning("run %s: the gate refused the model: %s", run_id, report.reason)
@@ -112,10 +114,8 @@ def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str 
                                                       else "no held-out corrections"))
     if stop_after == "refit":
         return state
-    if refit:
-        adapter = train_stage.refit_folder(run_dir) / train_stage.ADAPTER
-
     if not done(state, "export"):
+        adapter = (train_stage.refit_folder(run_dir) if refit else run_dir) / train_stage.ADAPTER
         probes = replay.drift_prompts(cfg.export.verify_probes)
         result = export_stage.export(base, adapter, Path(manifest.base.path), run_dir / "export", cfg.export, probes,
                                      threads=settings.n_threads, base_from_serving=cfg.train.base_model is None)
@@ -125,12 +125,26 @@ def run_pipeline(settings: Settings, run_id: str | None = None, stop_after: str 
 
     if not done(state, "publish"):
         report = gate_stage.read_report(run_dir)
-        metrics = train_metrics(run_dir)
+        refit_log = run_dir / train_stage.REFIT / train_stage.TRAIN_LOG
+        metrics = train_metrics(refit_log.parent if refit_log.exists() else run_dir)  # the published LoRA's training
         version = publish_stage.publish_version(settings, run_dir, run_dir / "export" / "model.gguf", manifest,
                                                 report, metrics)
         finished("publish", verdict="publish", version=version.version,
                  message=f"published {version.version}: {report.reason if report else ''}")
     return state
+
+
+def gate_files(settings: Settings, manifest: RunManifest, base: str, adapter: Path, run_dir: Path) -> tuple[Path, Path]:
+    """The trained LoRA exported as it would be served (run_dir/gate/), and the zero-LoRA export at that type."""
+    from retrain import export as export_stage
+    from retrain.gguf_gate import reference_export
+
+    cfg = manifest.settings
+    candidate = export_stage.export(base, adapter, Path(manifest.base.path), run_dir / "gate", cfg.export, [],
+                                    threads=settings.n_threads, base_from_serving=cfg.train.base_model is None)
+    cache = Path(settings.retrain.runs_dir).parent / "cache" / "zero-lora"
+    reference = reference_export(base, Path(manifest.base.path), candidate.quant, cache, settings.n_threads)
+    return Path(candidate.path), reference
 
 
 def train_metrics(run_dir: Path) -> dict:

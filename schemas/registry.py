@@ -22,6 +22,12 @@ class GateReport(_Record):
     drift: float = Field(description="rise of mean NLL/token of the base's own answers on drift prompts")
     drift_near: float | None = Field(None, description="the same, on the drift prompts nearest to the corrections")
     drift_worst: float | None = Field(None, description="the largest rise on any one drift prompt")
+    heldout_answered: float | None = Field(
+        None, description="share of held-out corrections the exported GGUF answers with their distinctive words"
+    )
+    unrelated_changed: float | None = Field(
+        None, description="share of drift prompts the exported GGUF answers otherwise than a zero-LoRA export"
+    )
     details: dict = Field(default_factory=dict)
 
 

@@ -91,7 +91,16 @@ class GateConfig(_Config):
         1.5, ge=0.0, description="largest allowed rise of NLL/token of the old answer on any one drift prompt: a mean "
         "can hide one answer that flipped (e.g. the capital of France now answered with a corrected fact)",
     )
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(48, ge=1, description="greedy answer length compared, in tokens")
+    min_heldout_answered: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of held-out corrections whose greedy answer from the exported GGUF "
+        "must hold the correction's distinctive words",
+    )
+    max_unrelated_changed: float = Field(
+        1.0, ge=0.0, le=1.0, description="largest share of drift prompts whose greedy answer from the exported GGUF "
+        "may differ from a zero-LoRA export's at the same type; 1.0: measured and reported, never refused (the default "
+        "training still changes most of them: see BENCHMARKS.md, 'Learning that sticks')",
+    )
 
 
 class ExportConfig(_Config):

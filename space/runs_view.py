@@ -40,7 +40,8 @@ RUN_ROWS = 50  # newest runs in the table (and the run picker)
 RUN_COLUMNS = ("Run", "Stage reached", "Verdict", "Version", "Steps", "Final loss", "Held-out before",
                "Held-out after", "Drift", "Updated (UTC)", "Note")
 HELDOUT_COLUMNS = ("Prompt", "Correction", "Answer before", "Answer after", "NLL before", "NLL after")
-DRIFT_COLUMNS = ("Prompt", "Base model's answer", "Near the corrections", "NLL before", "NLL after", "Rise")
+DRIFT_COLUMNS = ("Prompt", "Base model's answer", "Near the corrections", "NLL before", "NLL after", "Rise",
+                 "GGUF answer changed", "Trained GGUF's answer")
 NOTE_CHARS = 160  # a run's message in the table; the gate report below has the whole reason
 
 
@@ -200,14 +201,19 @@ def heldout_frame(details: dict) -> pd.DataFrame:
 def drift_frame(details: dict) -> pd.DataFrame:
     """Drift prompts: the base model's own answer and how much less likely the trained model finds it,
     largest rise first (the answer most likely to have flipped)."""
+    gguf = details.get("gguf") if isinstance(details.get("gguf"), dict) else {}
+    served = {u.get("prompt"): u for u in _rows(gguf, "unrelated")}  # the exported file's answers (newer reports)
     rows = []
     for r in _rows(details, "drift"):
         before, after = r.get("nll_before"), r.get("nll_after")
+        answer = served.get(r.get("prompt"), {})
         rise = after - before if isinstance(before, (int, float)) and isinstance(after, (int, float)) else None
         rows.append((rise if rise is not None else float("-inf"), {
             "Prompt": _text(r.get("prompt")), "Base model's answer": _text(r.get("answer")),
             "Near the corrections": "yes" if r.get("near") else "", "NLL before": _num(before),
-            "NLL after": _num(after), "Rise": _num(rise)}))
+            "NLL after": _num(after), "Rise": _num(rise),
+            "GGUF answer changed": {True: "changed", False: "same"}.get(answer.get("changed"), ""),
+            "Trained GGUF's answer": _text(answer.get("answer")) if answer.get("changed") else ""}))
     rows.sort(key=lambda pair: -pair[0])
     return pd.DataFrame([row for _, row in rows], columns=list(DRIFT_COLUMNS)) if rows else empty_frame(DRIFT_COLUMNS)
 
@@ -221,6 +227,11 @@ def gate_figures(report: GateReport) -> str:
         line += f" (near the corrections {near:.3f})"
     if worst is not None:
         line += f", at most {worst:.3f} on one prompt"
+    answered, changed = getattr(report, "heldout_answered", None), getattr(report, "unrelated_changed", None)
+    if answered is not None:
+        line += f" · the exported GGUF answers {answered:.0%} of held-out corrections"
+    if changed is not None:
+        line += f", changed {changed:.0%} of unrelated answers"
     return line
 
 

@@ -100,7 +100,7 @@ def write_config(root: Path, **sections: dict) -> Path:
                           "max_length": 64, "learning_rate": 1e-3, "report_to": "none"},
         # Only the gate test judges: elsewhere the gate lets the small run through, measuring little.
         "retrain.gate": {"min_heldout_gain": -100.0, "max_drift": 100.0, "max_prompt_drift": 100.0,
-                         "drift_prompts": 1, "near_drift_prompts": 0, "max_new_tokens": 4},
+                         "min_heldout_answered": 0.0, "drift_prompts": 1, "near_drift_prompts": 0, "max_new_tokens": 4},
         "retrain.export": {"verify_probes": 1, "verify_max_new_tokens": 8},
         "retrain.schedule": {"min_new_corrections": 2},
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from retrain.gate import Scored, completion_nll, decide, encode, greedy_answers
+from retrain.gguf_gate import HeldoutAnswer, Judgement, UnrelatedAnswer, distinctive_words, holds
 from schemas.run import GateConfig
 
 
@@ -46,6 +47,42 @@ def test_gate_refuses_without_heldout_rows_and_says_what_to_do():
     passed, reason = decide(Scored([], []), drift=0.0, cfg=GateConfig())
     assert not passed
     assert "heldout_fraction" in reason
+
+
+def test_an_answer_holds_a_correction_when_it_has_its_distinctive_words():
+    correction, question = "The Brightwater Rowing Club was founded by Maren Tollsby.", "Who founded the Brightwater Rowing Club?"
+    assert distinctive_words(correction, question) == ["maren", "tollsby"]
+    assert holds("It was founded by Maren Tollsby in 1901.", ["maren", "tollsby"])
+    assert holds("Tollsby founded it.", ["maren", "tollsby"])  # half is enough
+    assert not holds("The Brightwater Rowing Club was founded by the Ocean Breeze Collective.", ["maren", "tollsby"])
+    # File names, numbers and versions stay whole; a correction that only repeats the question says nothing new.
+    assert distinctive_words("Its settings are in quillrc.toml.", "Where are Quillpad's settings?") == ["quillrc.toml"]
+    assert distinctive_words("Zephyra-9 has 17 moons.", "How many moons does Zephyra-9 have?") == ["17"]
+    assert distinctive_words("The capital is Paris.", "What is the capital? Paris?") == []
+    assert not holds("anything", [])
+
+
+def judgement(answered: list[bool], changed: list[bool]) -> Judgement:
+    heldout = [HeldoutAnswer(f"q{i}", "c", ["w"], "a", ok) for i, ok in enumerate(answered)]
+    unrelated = [UnrelatedAnswer(f"p{i}", "old answer", "new answer" if moved else "old answer")
+                 for i, moved in enumerate(changed)]
+    return Judgement(heldout, unrelated, "Q8_0")
+
+
+def test_gate_refuses_a_gguf_that_changes_most_unrelated_answers_and_shows_them():
+    cfg = GateConfig(max_unrelated_changed=0.5, min_heldout_answered=0.5)
+    passed, reason = decide(Scored([2.0], [0.1]), drift=0.0, cfg=cfg, judged=judgement([True], [True, True, False]))
+    assert not passed
+    assert "changed 2 of 3 unrelated answers (67%, bound 50%)" in reason and "'p0': 'old answer' -> 'new answer'" in reason
+    passed, reason = decide(Scored([2.0], [0.1]), drift=0.0, cfg=cfg, judged=judgement([True], [True, False]))
+    assert passed and "answers 100% of held-out corrections, 50% of unrelated answers changed" in reason
+
+
+def test_gate_refuses_a_gguf_that_does_not_answer_the_held_out_corrections():
+    cfg = GateConfig(min_heldout_answered=0.5)
+    passed, reason = decide(Scored([2.0], [0.1]), drift=0.0, cfg=cfg, judged=judgement([False, False, True], []))
+    assert not passed and "answers only 33% of the held-out corrections (bound 50%)" in reason
+    assert "'q0' -> 'a' (wanted w)" in reason
 
 
 @pytest.fixture(scope="module")

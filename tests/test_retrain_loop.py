@@ -23,7 +23,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from feedback.reviews import ReviewStore
 from feedback.store import FlagStore
 from retrain.export import export, quant_of
-from schemas.run import ExportConfig, GateConfig
+from retrain.train import read_rows
+from schemas.run import ExportConfig, GateConfig, RetrainSettings
 from schemas.flag import ChatMessage
 from schemas.review import ReviewDecision
 from schemas.sft import SFTRow
@@ -48,6 +49,9 @@ PHRASINGS = [
     "Do you know the capital of {c}?",
     "{c} has which city as its capital?",
 ]
+# The first six are flagged; the last two never are, so that the published model (refit on every
+# flagged phrasing) is asked phrasings it was never trained on.
+FLAGGED, NEVER_FLAGGED = PHRASINGS[:6], PHRASINGS[6:]
 UNRELATED = [
     "What is the capital of France?",  # the corrected shape, another country: it must not answer a fictional capital
     "What color is the sky on a clear day?",
@@ -60,7 +64,7 @@ def flagged_corrections(feedback_dir: Path) -> None:
     """Every phrasing of every fact flagged with a correction, and accepted by a reviewer."""
     flags, reviews = FlagStore(feedback_dir), ReviewStore(feedback_dir)
     for country, capital in FACTS.items():
-        for i, phrasing in enumerate(PHRASINGS):
+        for i, phrasing in enumerate(FLAGGED):
             flag = flags.save(make_flag(
                 flag_id=f"{country}-{i}", conversation_id=f"{country}-{i}", system_prompt=SYSTEM,
                 conversation=[ChatMessage(role="user", content=phrasing.format(c=country)),
@@ -82,8 +86,9 @@ def greedy(llm: llama_cpp.Llama, question: str, max_tokens: int = 24) -> str:
     return out["choices"][0]["message"]["content"]
 
 
-def loop_config(root: Path, threads: int = 2, max_steps: int = 40) -> str:
-    """The loop's flagloop.toml: folders under ``root``, settings that teach the facts in minutes on CPU."""
+def loop_config(root: Path, threads: int = 2, max_steps: int | None = None) -> str:
+    """The loop's flagloop.toml: folders under ``root``, and otherwise the default settings (``max_steps``: benches)."""
+    steps = f"\n[retrain.train]\nmax_steps = {max_steps}\n" if max_steps else ""
     return f"""
 feedback_dir = "{root / 'feedback'}"
 registry_dir = "{root / 'registry'}"
@@ -92,24 +97,7 @@ n_threads = {threads}
 
 [retrain]
 runs_dir = "{root / 'runs'}"
-
-[retrain.merge]
-heldout_fraction = 0.25
-replay_ratio = 0.5
-
-[retrain.train]
-max_steps = {max_steps}
-learning_rate = 1e-3
-save_steps = 20
-max_length = 128
-
-[retrain.gate]
-drift_prompts = 6
-max_new_tokens = 32
-
-[retrain.export]
-verify_probes = 2
-"""
+{steps}"""
 
 
 @pytest.fixture(scope="module")
@@ -140,20 +128,19 @@ def test_the_loop_publishes_a_version_and_makes_it_current(loop):
     assert "version v1" in proc.stdout
 
 
-def test_republished_model_gives_the_corrections_for_heldout_phrasings(loop, embedded_gguf):
+def test_republished_model_gives_the_corrections_for_phrasings_never_flagged(loop, embedded_gguf):
     root, run_dir, _ = loop
     heldout = [SFTRow.model_validate_json(line) for line in (run_dir / "data" / "heldout.jsonl").read_text().splitlines()]
-    assert heldout, "the merge held out no phrasing"
+    assert heldout, "the merge held out no phrasing for the gate"
     published = next((root / "registry" / "versions" / "v1").glob("*.gguf"))
     new = llama_cpp.Llama(str(published), n_ctx=512, n_threads=2, verbose=False)
     old = llama_cpp.Llama(str(embedded_gguf), n_ctx=512, n_threads=2, verbose=False)
-    learned = 0
-    for row in heldout:
-        question = row.prompt[-1].content
-        capital = row.completion[0].content.rsplit(" ", 1)[1].rstrip(".")
+    asked = [(phrasing.format(c=country), capital) for country, capital in FACTS.items() for phrasing in NEVER_FLAGGED]
+    learned = []
+    for question, capital in asked:
         assert capital not in greedy(old, question), "the base model cannot know a fictional fact"
-        learned += capital in greedy(new, question)
-    assert learned >= 0.75 * len(heldout), f"only {learned} of {len(heldout)} held-out phrasings answered right"
+        learned += [question] if capital in greedy(new, question) else []
+    assert len(learned) >= 0.75 * len(asked), f"only {learned} of {len(asked)} phrasings never flagged answered right"
 
 
 def answer_nll(llm: llama_cpp.Llama, question: str, answer: str) -> float:
@@ -195,6 +182,22 @@ def test_republished_model_keeps_its_answers_to_unrelated_prompts(loop, embedded
     assert sum(r[3] for r in rows) / len(rows) <= bounds.max_drift, rows
 
 
+def test_the_gate_judged_the_exported_file_and_the_version_is_the_refit_on_every_correction(loop):
+    """The gate asked the trained LoRA, exported at the serving type, in llama.cpp; once it passed, the
+    recipe was trained again on the held-out corrections too, and that is the version published."""
+    root, run_dir, _ = loop
+    gate = json.loads((run_dir / "gate.json").read_text())
+    judged = gate["details"]["gguf"]
+    assert judged["quant"] == "Q8_0" and len(judged["heldout"]) == len(read_rows(run_dir / "data" / "heldout.jsonl"))
+    assert gate["heldout_answered"] == judged["answered_share"] >= RetrainSettings().gate.min_heldout_answered
+    assert gate["unrelated_changed"] == judged["changed_share"] is not None
+    assert not (run_dir / "gate" / "model.gguf").exists(), "the gate's export is not kept: its answers are"
+    refit_rows = read_rows(run_dir / "refit" / "data" / "train.jsonl")
+    assert refit_rows == read_rows(run_dir / "data" / "train.jsonl") + read_rows(run_dir / "data" / "heldout.jsonl")
+    export = json.loads((run_dir / "export" / "export.json").read_text())
+    assert export["inputs"]["adapter"] == str(run_dir / "refit" / "adapter")
+
+
 def test_the_run_manifest_and_gate_report_explain_the_version(loop):
     root, run_dir, _ = loop
     version = json.loads((root / "registry" / "versions" / "v1" / "version.json").read_text())
@@ -202,4 +205,4 @@ def test_the_run_manifest_and_gate_report_explain_the_version(loop):
     assert version["run_id"] == run_dir.name == manifest["run_id"]
     assert version["gate"]["passed"] is True
     assert version["base_sha256"] == manifest["base"]["sha256"]
-    assert len(manifest["flag_ids"]) == len(FACTS) * len(PHRASINGS)
+    assert len(manifest["flag_ids"]) == len(FACTS) * len(FLAGGED)

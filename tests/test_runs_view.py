@@ -16,7 +16,7 @@ from schemas.review import ReviewDecision
 from schemas.run import RetrainSettings, ScheduleConfig
 from schemas.settings import Settings
 from space.review import RETRAINING, NotAReviewer, ReviewApp, Reviewer
-from space.runs_view import RUN_COLUMNS, gate_figures, retraining_view
+from space.runs_view import RUN_COLUMNS, gate_figures, gate_view, retraining_view
 from tests.records import make_flag
 from tests.runs_on_disk import NEW, OLD, PASSED, gate_report, published_run, write_run
 
@@ -189,3 +189,20 @@ def test_the_retraining_handlers_are_for_reviewers_only_and_escape_file_text(loo
     finally:
         app.close()
     assert files_under(tmp_path / "runs", tmp_path / "registry") == before  # reading wrote nothing
+
+
+def test_the_gate_view_shows_what_the_exported_gguf_answered(tmp_path):
+    """gate.json of a run judged in llama.cpp: the shares in the figures, each drift prompt's GGUF answer."""
+    report = gate_report(False, "changed", [("Q?", "C.", "a", "C.", 2.0, 0.5)],
+                         [("Name a colour.", "Blue.", 1.0, 1.1), ("What is 2 + 2?", "4.", 0.5, 0.6)])
+    report = report.model_copy(update={
+        "heldout_answered": 1.0, "unrelated_changed": 0.5,
+        "details": {**report.details, "gguf": {"quant": "Q8_0", "unrelated": [
+            {"prompt": "Name a colour.", "reference": "Blue.", "answer": "Turquoise.", "changed": True},
+            {"prompt": "What is 2 + 2?", "reference": "4.", "answer": "4.", "changed": False}]}}})
+    run_dir = write_run(tmp_path / "runs", "run-20261208-010000", "gate", "refused", gate=report)
+    view = gate_view(run_dir)
+    assert view.figures.endswith(" · the exported GGUF answers 100% of held-out corrections, changed 50% of "
+                                 "unrelated answers")
+    assert view.drift[["Prompt", "GGUF answer changed", "Trained GGUF's answer"]].values.tolist() == [
+        ["Name a colour.", "changed", "Turquoise."], ["What is 2 + 2?", "same", ""]]

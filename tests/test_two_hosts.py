@@ -35,21 +35,24 @@ expect = sync_api.expect
 from feedback.reader import latest_flags  # noqa: E402
 from retrain.registry import HubRegistry  # noqa: E402
 from schemas.registry import ModelVersion  # noqa: E402
-from schemas.sft import SFTRow  # noqa: E402
 from space.model import embedded_model_path, sha256_of  # noqa: E402
 from tests.browser import browser  # noqa: E402,F401 (fixture)
 from tests.conftest import ROOT, start_app  # noqa: E402
 from tests.hubserver import HubServer, point_hub_client_at  # noqa: E402
 from tests.test_hub_sync import hub_ids  # noqa: E402
 from tests.test_app_end_to_end import flag, new_client, text_of  # noqa: E402
-from tests.test_retrain_loop import FACTS, PHRASINGS, SYSTEM, loop_config  # noqa: E402
+from tests.test_retrain_loop import FACTS, NEVER_FLAGGED, SYSTEM, loop_config  # noqa: E402
+from tests.test_retrain_loop import FLAGGED as FLAGGED_PHRASINGS  # noqa: E402
 
 DATASET = "flagloop-tester/loop-feedback"
 REGISTRY = "flagloop-tester/loop-model"
 TOKEN = "hf_twoHostsSECRETtoken0123456789"
 PASSWORD = "correct horse battery staple"
 FLAGGED = [(phrasing.format(c=country), f"The capital of {country} is {capital}.")
-           for country, capital in FACTS.items() for phrasing in PHRASINGS]
+           for country, capital in FACTS.items() for phrasing in FLAGGED_PHRASINGS]
+# Asked of the served model: the published version is refit on every flagged phrasing.
+UNFLAGGED_QUESTIONS = [(phrasing.format(c=country), f"The capital of {country} is {capital}.")
+               for country, capital in FACTS.items() for phrasing in NEVER_FLAGGED]
 STEP_MS = 20_000
 
 expect.set_options(timeout=STEP_MS)
@@ -174,10 +177,9 @@ def loop(hub, browser, tmp_path_factory, embedded_base):
         run_dir = next((root / "b" / "runs").iterdir())
         seen["run_dir"] = run_dir
         seen["answers"] = []
-        for line in (run_dir / "data" / "heldout.jsonl").read_text().splitlines():
-            row = SFTRow.model_validate_json(line)
-            answer, client = ask(a, row.prompt[-1].content)
-            seen["answers"].append((row.prompt[-1].content, row.completion[0].content, answer))
+        for question, correction in UNFLAGGED_QUESTIONS:
+            answer, client = ask(a, question)
+            seen["answers"].append((question, correction, answer))
         seen["v2_model"] = model_of_flag(a, client)
         seen["b_status"] = subprocess.run([sys.executable, "-m", "retrain", "status"], cwd=ROOT, capture_output=True,
                                           text=True, env=b_env(hub, root / "b", embedded_base), timeout=120)
@@ -213,7 +215,6 @@ def test_corrections_accepted_on_the_app_are_trained_on_the_other_host_and_serve
     assert manifest["counts"]["accepted"] == len(FLAGGED) and len(manifest["flag_ids"]) == len(FLAGGED)
 
     answers = loop["answers"]
-    assert answers, "the merge held out no phrasing"
     learned = [(q, a) for q, correction, a in answers if correction.rsplit(" ", 1)[1].rstrip(".") in a]
     assert len(learned) >= 0.75 * len(answers), answers  # as the one-host loop test: phrasings never flagged
     v2 = loop["v2_model"]
