@@ -25,6 +25,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def timed_stages(settings, run_id: str, times: dict[str, float], note_chars: int):
+    """Run (or continue) ``run_id`` stage by stage, timing each into ``times`` and printing a line per stage;
+    the last RunState (the gate's, when it refused)."""
+    from retrain import pipeline
+    from schemas.run import STAGES
+
+    for stage in STAGES:
+        t0 = time.perf_counter()
+        state = pipeline.run_pipeline(settings, run_id=run_id, stop_after=stage)
+        times[stage] = time.perf_counter() - t0
+        print(f"{stage:<8} {times[stage]:>7.1f} s   {state.message[:note_chars]}", flush=True)
+        if state.verdict == "refused":
+            break
+    return state
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-steps", type=int, help="training steps (default: the default setting, 60)")
@@ -37,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from retrain import pipeline
     from retrain.registry import LocalRegistry
-    from schemas.run import STAGES, RetrainSettings, TrainConfig
+    from schemas.run import RetrainSettings, TrainConfig
     from schemas.settings import Settings
     from tests.test_retrain_loop import FACTS, NEVER_FLAGGED, SYSTEM, flagged_corrections, greedy
 
@@ -54,14 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     run_id = pipeline.new_run_id()
     times: dict[str, float] = {}
     start = time.perf_counter()
-    for stage in STAGES:
-        t0 = time.perf_counter()
-        state = pipeline.run_pipeline(settings, run_id=run_id, stop_after=stage)
-        times[stage] = time.perf_counter() - t0
-        print(f"{stage:<8} {times[stage]:>7.1f} s   {state.message[:90]}", flush=True)
-        if state.verdict == "refused":
-            print("the gate refused the model: no version to serve")
-            return 1
+    state = timed_stages(settings, run_id, times, note_chars=90)
+    if state.verdict == "refused":
+        print("the gate refused the model: no version to serve")
+        return 1
     t0 = time.perf_counter()
     current = LocalRegistry(settings.registry_dir).current_path()
     llm = llama_cpp.Llama(str(current), n_ctx=512, n_threads=args.threads, verbose=False)

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    from bench.loop import timed_stages
     from retrain import pipeline
     from retrain.registry import LocalRegistry
     from retrain.run_files import read_manifest
@@ -191,15 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         times["flags"] = time.perf_counter() - t0
         print(f"{'flags':<8} {times['flags']:>7.1f} s   {n} flagged and accepted", flush=True)
     start = time.perf_counter()
-    from schemas.run import STAGES
-
-    for stage in STAGES:
-        t0 = time.perf_counter()
-        state = pipeline.run_pipeline(settings, run_id=run_id, stop_after=stage)
-        times[stage] = time.perf_counter() - t0
-        print(f"{stage:<8} {times[stage]:>7.1f} s   {state.message[:150]}", flush=True)
-        if state.verdict == "refused":
-            break
+    state = timed_stages(settings, run_id, times, note_chars=150)
     loop_s = time.perf_counter() - start
     manifest = read_manifest(run_dir)
     base = pipeline.base_weights(settings, manifest)
@@ -218,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     quant = quant_of(published)
     from retrain.gguf_gate import reference_export
 
-    reference = reference_export(base, Path(manifest.base.path), quant, args.cache / "zero-lora", args.threads)
+    reference = reference_export(base, Path(manifest.base.path), manifest.base.sha256, quant, args.cache / "zero-lora",
+                                 args.threads)
     t0 = time.perf_counter()
     result = measure(published, reference, suite, settings.system_prompt, args.threads)
     times["measure"] = time.perf_counter() - t0

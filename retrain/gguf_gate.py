@@ -113,11 +113,12 @@ def judge(candidate: Path, reference: Path, heldout: list[SFTRow], unrelated: li
     return Judgement(held, others, quant)
 
 
-def reference_export(base: str | Path, serving: Path, quant: str, cache: Path, threads: int | None = None) -> Path:
-    """The zero-LoRA export of ``base`` at ``quant``: the base as it would be served untrained (kept in ``cache``)."""
+def reference_export(base: str | Path, serving: Path, serving_sha256: str, quant: str, cache: Path,
+                     threads: int | None = None) -> Path:
+    """The zero-LoRA export of ``base`` at ``quant``: the base as it would be served untrained (kept in ``cache``,
+    by the serving file's sha256, which the run's manifest already pins)."""
     from retrain.export import export
     from schemas.run import ExportConfig
-    from space.model import sha256_of
 
-    out = Path(cache) / f"{sha256_of(serving)[:16]}-{quant}"
+    out = Path(cache) / f"{serving_sha256[:16]}-{quant}"
     return Path(export(base, None, serving, out, ExportConfig(quant=quant, verify_probes=0), [], threads=threads).path)

@@ -143,7 +143,8 @@ def gate_files(settings: Settings, manifest: RunManifest, base: str, adapter: Pa
     candidate = export_stage.export(base, adapter, Path(manifest.base.path), run_dir / "gate", cfg.export, [],
                                     threads=settings.n_threads, base_from_serving=cfg.train.base_model is None)
     cache = Path(settings.retrain.runs_dir).parent / "cache" / "zero-lora"
-    reference = reference_export(base, Path(manifest.base.path), candidate.quant, cache, settings.n_threads)
+    reference = reference_export(base, Path(manifest.base.path), manifest.base.sha256, candidate.quant, cache,
+                                 settings.n_threads)
     return Path(candidate.path), reference
 
 
